@@ -1,0 +1,114 @@
+"""``python -m sparsecirc``: the headless path (generate data, train, evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+from . import paths
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import AdditionTask, load_split, make_split, save_split
+from .evaluation import evaluate
+from .model import ModelConfig, build_model, count_parameters
+from .training import TrainConfig, train
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+
+
+def cmd_data(args) -> dict:
+    task = AdditionTask(args.operand_digits, args.answer_digits)
+    split = make_split(task, args.test_size, args.seed)
+    out = save_split(split, args.out)
+    return {"path": str(out), "task": task.name, "n_train": len(split.train), "n_test": len(split.test), "seed": args.seed}
+
+
+def evaluation_metrics(model, split) -> dict:
+    """Exact match, per-digit accuracy and loss on the held-out split and on every problem."""
+    on_test = evaluate(model, split.task, split.test)
+    on_all = evaluate(model, split.task, split.all)
+    return {"test": on_test.summary(), "all": on_all.summary(),
+            "failures_all": [list(f) for f in on_all.failures[:50]]}
+
+
+def cmd_train(args) -> dict:
+    split = load_split(args.data)
+    config = ModelConfig(split.task.operand_digits, split.task.answer_digits, n_layers=args.n_layers,
+                         n_heads=args.n_heads, d_head=args.d_head, d_model=args.d_model, d_mlp=args.d_mlp,
+                         seed=args.seed)
+    train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed)
+    out = Path(args.out) if args.out else paths.new_run_dir("cli_train") / f"{config.name}_base.pt"
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    model = build_model(config)
+    start = time.perf_counter()
+    history = train(model, split, train_config, progress=not args.json)
+    seconds = time.perf_counter() - start
+    metrics = evaluation_metrics(model, split)
+    metrics.update(steps=history[-1]["step"], train_seconds=round(seconds, 1), parameters=count_parameters(model))
+    save_checkpoint(out, model, config, metrics, extra={"train_config": train_config.to_dict(),
+                                                        "history": history, "data_seed": split.seed},
+                    overwrite=args.force)
+    return {"checkpoint": str(out), "config": config.name, **metrics}
+
+
+def cmd_evaluate(args) -> dict:
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    split = load_split(args.data)
+    if split.task != checkpoint.config.task:
+        raise ValueError(f"checkpoint is for {checkpoint.config.task.name} but the data is {split.task.name}")
+    return {"checkpoint": str(args.checkpoint), "config": checkpoint.config.name, "kind": checkpoint.kind,
+            **evaluation_metrics(model, split)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sparsecirc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="generate every problem and a seeded train/test split (JSON)")
+    p.add_argument("--operand-digits", type=int, default=2)
+    p.add_argument("--answer-digits", type=int, default=5)
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="JSON file to write (an existing different file is never replaced)")
+    p.set_defaults(run=cmd_data)
+
+    p = sub.add_parser("train", help="train a base model and save a checkpoint with its metrics")
+    p.add_argument("--data", default=str(paths.reference_dataset_path()), help="split JSON (default: the shipped one)")
+    p.add_argument("--out", help="checkpoint path (default: a new folder under runs/cli_train/)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    defaults, train_defaults = ModelConfig(), TrainConfig()
+    for name in ("n_layers", "n_heads", "d_head", "d_model", "d_mlp", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    p.add_argument("--lr", type=float, default=train_defaults.lr)
+    p.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
+    p.add_argument("--max-steps", type=int, default=train_defaults.max_steps)
+    p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the held-out split and on all problems")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default=str(paths.reference_dataset_path()))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_evaluate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print(result, getattr(args, "json", False))
+    return 0

@@ -1,0 +1,268 @@
+"""The addition task: vocabulary, token layout, encoding, decoding, and the dataset split.
+
+Layout for the default task (2-digit operands, 5 answer slots), 11 positions::
+
+    position  0 1 2 3 4 5 6 7 8 9 10
+    token     3 6 + 2 8 = ? ? ? ? ?      -> answer slots hold 0 0 0 6 4
+
+The model reads the whole line in one causal pass and predicts answer digit k at answer
+slot k. The answer is the sum zero-padded to ``answer_digits`` digits, most significant first.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PLUS, EQUALS, BLANK = "+", "=", "?"
+VOCAB: tuple[str, ...] = tuple("0123456789") + (PLUS, EQUALS, BLANK)
+TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
+PLUS_ID, EQUALS_ID, BLANK_ID = TOKEN_ID[PLUS], TOKEN_ID[EQUALS], TOKEN_ID[BLANK]
+
+DATASET_FORMAT = "sparsecirc.addition-split/1"
+
+
+@dataclass(frozen=True)
+class AdditionTask:
+    """``a + b`` with ``operand_digits``-digit operands and ``answer_digits`` answer slots."""
+
+    operand_digits: int = 2
+    answer_digits: int = 5
+
+    def __post_init__(self):
+        if not isinstance(self.operand_digits, int) or self.operand_digits < 1:
+            raise ValueError(f"operand_digits must be a positive int, got {self.operand_digits!r}")
+        if not isinstance(self.answer_digits, int) or self.answer_digits < 1:
+            raise ValueError(f"answer_digits must be a positive int, got {self.answer_digits!r}")
+        largest_sum = 2 * (10**self.operand_digits - 1)
+        if len(str(largest_sum)) > self.answer_digits:
+            raise ValueError(
+                f"answer_digits={self.answer_digits} cannot hold the largest sum {largest_sum} of "
+                f"two {self.operand_digits}-digit operands; use answer_digits >= {len(str(largest_sum))}"
+            )
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return f"add_d{self.operand_digits}_a{self.answer_digits}"
+
+    @property
+    def max_operand(self) -> int:
+        return 10**self.operand_digits - 1
+
+    @property
+    def n_problems(self) -> int:
+        return (self.max_operand + 1) ** 2
+
+    @property
+    def prompt_len(self) -> int:
+        """Positions up to and including ``=``."""
+        return 2 * self.operand_digits + 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.answer_digits
+
+    @property
+    def answer_positions(self) -> list[int]:
+        return list(range(self.prompt_len, self.seq_len))
+
+    @property
+    def position_labels(self) -> list[str]:
+        """Names of the positions, e.g. ``['a1', 'a0', '+', 'b1', 'b0', '=', 's4', ..., 's0']``:
+        digit k counts from the units (k=0)."""
+        d = self.operand_digits
+        a = [f"a{d - 1 - k}" for k in range(d)]
+        b = [f"b{d - 1 - k}" for k in range(d)]
+        s = [f"s{self.answer_digits - 1 - k}" for k in range(self.answer_digits)]
+        return a + [PLUS] + b + [EQUALS] + s
+
+    # ---- parsing ------------------------------------------------------------------------
+    def parse(self, problem: str) -> tuple[int, int]:
+        """``"36+28"`` -> ``(36, 28)``. Spaces are ignored; operands must have exactly
+        ``operand_digits`` digits (leading zeros allowed: ``"07+03"``), or fewer digits if
+        unpadded (``"7+3"``)."""
+        if not isinstance(problem, str):
+            raise ValueError(f"a problem must be a string like '36+28', got {type(problem).__name__}")
+        text = problem.replace(" ", "")
+        d = self.operand_digits
+        match = re.fullmatch(r"(\d+)\+(\d+)=?", text)
+        if match is None:
+            raise ValueError(
+                f"cannot parse problem {problem!r}: expected two non-negative integers of at most "
+                f"{d} digits joined by '+', e.g. {'3' * d}+{'2' * d}"
+            )
+        a_text, b_text = match.groups()
+        for operand in (a_text, b_text):
+            if len(operand) > d:
+                raise ValueError(
+                    f"operand {operand!r} in {problem!r} has {len(operand)} digits; this task "
+                    f"({self.name}) takes operands of at most {d} digits (0..{self.max_operand})"
+                )
+        return int(a_text), int(b_text)
+
+    def check_operands(self, a: int, b: int) -> None:
+        for x in (a, b):
+            if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= self.max_operand:
+                raise ValueError(
+                    f"operand {x!r} is outside 0..{self.max_operand} for this task ({self.name})"
+                )
+
+    def answer(self, a: int, b: int) -> str:
+        """The answer digits as text: ``answer(36, 28) == '00064'``."""
+        self.check_operands(a, b)
+        return str(a + b).zfill(self.answer_digits)
+
+    # ---- encoding -----------------------------------------------------------------------
+    def encode(self, a: int, b: int) -> tuple[list[int], list[int]]:
+        """Token ids of the input line ``[seq_len]`` and of the answer digits ``[answer_digits]``."""
+        self.check_operands(a, b)
+        d = self.operand_digits
+        text = str(a).zfill(d) + PLUS + str(b).zfill(d) + EQUALS + BLANK * self.answer_digits
+        return [TOKEN_ID[c] for c in text], [TOKEN_ID[c] for c in self.answer(a, b)]
+
+    def encode_problem(self, problem: str) -> tuple[list[int], list[int]]:
+        return self.encode(*self.parse(problem))
+
+    def batch(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``[batch, seq_len]`` and answer targets ``[batch, answer_digits]`` (long)."""
+        if len(pairs) == 0:
+            raise ValueError("cannot build a batch from an empty list of problems")
+        encoded = [self.encode(a, b) for a, b in pairs]
+        tokens = torch.tensor([e[0] for e in encoded], dtype=torch.long)
+        targets = torch.tensor([e[1] for e in encoded], dtype=torch.long)
+        return tokens, targets
+
+    # ---- decoding -----------------------------------------------------------------------
+    def check_tokens(self, tokens) -> list[int]:
+        ids = [int(t) for t in (tokens.tolist() if torch.is_tensor(tokens) else tokens)]
+        if len(ids) != self.seq_len:
+            raise ValueError(
+                f"expected {self.seq_len} tokens for {self.name}, got {len(ids)}"
+            )
+        bad = [t for t in ids if not 0 <= t < len(VOCAB)]
+        if bad:
+            raise ValueError(f"token ids {bad} are out of range; the vocabulary has ids 0..{len(VOCAB) - 1}")
+        return ids
+
+    def decode(self, tokens) -> str:
+        """Token ids ``[seq_len]`` -> the line as text, e.g. ``'36+28=?????'``."""
+        return "".join(VOCAB[t] for t in self.check_tokens(tokens))
+
+    def decode_problem(self, tokens) -> tuple[int, int]:
+        """Token ids ``[seq_len]`` of a well-formed input line -> ``(a, b)``."""
+        text = self.decode(tokens)
+        d = self.operand_digits
+        expected = re.fullmatch(rf"(\d{{{d}}})\+(\d{{{d}}})=" + re.escape(BLANK) * self.answer_digits, text)
+        if expected is None:
+            raise ValueError(f"{text!r} is not a {self.name} input line like '{'3' * d}+{'2' * d}={BLANK * self.answer_digits}'")
+        return int(expected.group(1)), int(expected.group(2))
+
+    def decode_answer(self, digits) -> str:
+        """Predicted or target answer ids ``[answer_digits]`` -> text like ``'00064'``."""
+        ids = [int(t) for t in (digits.tolist() if torch.is_tensor(digits) else digits)]
+        if len(ids) != self.answer_digits:
+            raise ValueError(f"expected {self.answer_digits} answer digits, got {len(ids)}")
+        if any(not 0 <= t <= 9 for t in ids):
+            raise ValueError(f"answer ids must be digit tokens 0..9, got {ids}")
+        return "".join(VOCAB[t] for t in ids)
+
+    def format_problem(self, a: int, b: int) -> str:
+        self.check_operands(a, b)
+        return f"{a:0{self.operand_digits}d}+{b:0{self.operand_digits}d}"
+
+    # ---- all problems -------------------------------------------------------------------
+    def all_pairs(self) -> list[tuple[int, int]]:
+        n = self.max_operand + 1
+        return [(a, b) for a in range(n) for b in range(n)]
+
+    def carries(self, a: int, b: int) -> list[bool]:
+        """``carries[k]`` is True if adding digit column k (0 = units) carries into column k+1."""
+        self.check_operands(a, b)
+        out, carry = [], 0
+        for k in range(self.operand_digits):
+            column = (a // 10**k) % 10 + (b // 10**k) % 10 + carry
+            carry = int(column >= 10)
+            out.append(bool(carry))
+        return out
+
+
+@dataclass(frozen=True)
+class AdditionSplit:
+    """A train/test split of every problem of a task, as ``(a, b)`` pairs."""
+
+    task: AdditionTask
+    train: tuple[tuple[int, int], ...]
+    test: tuple[tuple[int, int], ...]
+    seed: int
+
+    @property
+    def all(self) -> tuple[tuple[int, int], ...]:
+        return self.train + self.test
+
+
+def make_split(task: AdditionTask = AdditionTask(), test_size: int = 1000, seed: int = 0) -> AdditionSplit:
+    """Shuffle every problem with ``seed`` and hold out ``test_size`` of them."""
+    if not 0 < test_size < task.n_problems:
+        raise ValueError(f"test_size must be in 1..{task.n_problems - 1} for {task.name}, got {test_size}")
+    pairs = task.all_pairs()
+    random.Random(seed).shuffle(pairs)
+    test = tuple(sorted(pairs[:test_size]))
+    train = tuple(sorted(pairs[test_size:]))
+    return AdditionSplit(task, train, test, seed)
+
+
+def save_split(split: AdditionSplit, path: str | Path) -> Path:
+    """Write the split as JSON (format ``sparsecirc.addition-split/1``)::
+
+        {"format": ..., "operand_digits": 2, "answer_digits": 5, "seed": 0,
+         "train": ["00+00", ...], "test": ["00+07", ...]}
+
+    An existing file is left alone if it holds the same split; a different file is never
+    overwritten (``FileExistsError``): move it or choose another path.
+    """
+    path = Path(path)
+    record = {
+        "format": DATASET_FORMAT,
+        "operand_digits": split.task.operand_digits,
+        "answer_digits": split.task.answer_digits,
+        "seed": split.seed,
+        "n_train": len(split.train),
+        "n_test": len(split.test),
+        "train": [split.task.format_problem(a, b) for a, b in split.train],
+        "test": [split.task.format_problem(a, b) for a, b in split.test],
+    }
+    text = json.dumps(record, indent=0) + "\n"
+    if path.exists():
+        if path.read_text() == text:
+            return path
+        raise FileExistsError(f"{path} exists and holds a different dataset; not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def load_split(path: str | Path) -> AdditionSplit:
+    """Read a split written by :func:`save_split`, checking that it is whole and consistent."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(record, dict) or record.get("format") != DATASET_FORMAT:
+        raise ValueError(f"{path} is not a sparsecirc dataset (expected format {DATASET_FORMAT!r})")
+    task = AdditionTask(record["operand_digits"], record["answer_digits"])
+    train = tuple(task.parse(p) for p in record["train"])
+    test = tuple(task.parse(p) for p in record["test"])
+    if len(train) != record["n_train"] or len(test) != record["n_test"]:
+        raise ValueError(f"{path}: problem counts do not match n_train/n_test")
+    if set(train) & set(test):
+        raise ValueError(f"{path}: {len(set(train) & set(test))} problems are in both train and test")
+    if len(set(train)) + len(set(test)) != task.n_problems or len(train) + len(test) != task.n_problems:
+        raise ValueError(f"{path}: the split must hold each of the {task.n_problems} problems exactly once")
+    return AdditionSplit(task, train, test, record["seed"])

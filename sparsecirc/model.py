@@ -1,0 +1,88 @@
+"""The model: a config dataclass and the TransformerLens-native bridge it builds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+
+from .data import VOCAB, AdditionTask
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes a model's shape and initial weights.
+
+    Defaults: 4 layers as in the paper's Figure 1, 4 heads of 16 dims each, d_model 64,
+    d_mlp 256, ReLU MLPs, LayerNorm, learned absolute positions (about 200k parameters).
+    """
+
+    operand_digits: int = 2
+    answer_digits: int = 5
+    n_layers: int = 4
+    n_heads: int = 4
+    d_head: int = 16
+    d_model: int = 64
+    d_mlp: int = 256
+    act_fn: str = "relu"
+    seed: int = 0
+
+    def __post_init__(self):
+        self.task  # validates the widths
+        for name in ("n_layers", "n_heads", "d_head", "d_model", "d_mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.act_fn not in ("relu", "gelu", "gelu_new", "silu"):
+            raise ValueError(f"act_fn must be one of relu, gelu, gelu_new, silu; got {self.act_fn!r}")
+
+    @property
+    def task(self) -> AdditionTask:
+        return AdditionTask(self.operand_digits, self.answer_digits)
+
+    @property
+    def name(self) -> str:
+        """E.g. ``add_d2_l4_h4``: task digits, layers, heads."""
+        return f"add_d{self.operand_digits}_l{self.n_layers}_h{self.n_heads}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(record) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**record)
+
+    def differences(self, other: "ModelConfig") -> dict[str, tuple]:
+        """``{field: (self value, other value)}`` for every field that differs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+
+
+def build_model(config: ModelConfig = ModelConfig()) -> TransformerBridge:
+    """A freshly initialised TL-native ``TransformerBridge`` for ``config`` (CPU, float32).
+
+    Input ``[batch, seq_len]`` token ids; output logits ``[batch, seq_len, d_vocab=13]``.
+    The same ``config.seed`` gives the same weights without touching the global RNG.
+    """
+    bridge_config = TransformerBridgeConfig(
+        n_layers=config.n_layers,
+        d_model=config.d_model,
+        n_heads=config.n_heads,
+        d_head=config.d_head,
+        d_mlp=config.d_mlp,
+        d_vocab=len(VOCAB),
+        n_ctx=config.task.seq_len,
+        act_fn=config.act_fn,
+        normalization_type="LN",
+        seed=config.seed,
+    )
+    return TransformerBridge.boot_native(bridge_config)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

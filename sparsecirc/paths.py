@@ -1,0 +1,52 @@
+"""Where things live: shipped reference artefacts in ``data/``, run outputs in ``runs/``.
+
+Notebooks and the CLI never write over ``data/``; each notebook run writes into a new
+time-stamped folder under ``runs/`` (or under ``$SPARSECIRC_RUNS`` if set, as the tests do).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_root() -> Path:
+    """The checkout holding ``data/`` (the package is installed editable from it)."""
+    if (_PACKAGE_ROOT / "pyproject.toml").is_file() and (_PACKAGE_ROOT / "data").is_dir():
+        return _PACKAGE_ROOT
+    raise FileNotFoundError(
+        f"cannot find the sparsecirc checkout with data/ above {Path(__file__).resolve()}; "
+        "install the package editable from a clone (pip install -e .)"
+    )
+
+
+def data_dir() -> Path:
+    return repo_root() / "data"
+
+
+def reference_dataset_path() -> Path:
+    return data_dir() / "add_d2_a5.json"
+
+
+def reference_base_checkpoint_path() -> Path:
+    return data_dir() / "reference" / "add_d2_l4_h4_base.pt"
+
+
+def runs_root() -> Path:
+    env = os.environ.get("SPARSECIRC_RUNS")
+    return Path(env) if env else repo_root() / "runs"
+
+
+def new_run_dir(name: str) -> Path:
+    """A new, empty folder ``runs/<name>/<YYYYmmdd-HHMMSS>`` (suffixed if that exists)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = runs_root() / name
+    candidate, n = base / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"{stamp}-{n}"
+    candidate.mkdir(parents=True)
+    return candidate
