@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="JSON file to write (an existing different file is never replaced)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=cmd_data)
 
     p = sub.add_parser("train", help="train a base model and save a checkpoint with its metrics")
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the held-out split and on all problems")
     p.add_argument("checkpoint")
     p.add_argument("--data", default=str(paths.reference_dataset_path()))
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.set_defaults(run=cmd_evaluate)
     return parser
 
@@ -110,5 +111,5 @@ def main(argv=None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _print(result, getattr(args, "json", False))
+    _print(result, args.json)
     return 0

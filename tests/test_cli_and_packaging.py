@@ -1,0 +1,71 @@
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sparsecirc.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cli_data_train_evaluate_tiny(tmp_path, capsys):
+    data = tmp_path / "d.json"
+    assert main(["data", "--operand-digits", "1", "--answer-digits", "2", "--test-size", "20", "--out", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_train"] == 80
+    ckpt = tmp_path / "m.pt"
+    args = ["train", "--data", str(data), "--out", str(ckpt), "--n-layers", "1", "--n-heads", "2", "--d-head", "4",
+            "--d-model", "8", "--d-mlp", "16", "--max-steps", "20", "--json"]
+    assert main(args) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["steps"] == 20 and 0 <= trained["all"]["exact_match"] <= 1
+    assert main(args) == 2  # refuses to overwrite
+    assert "--force" in capsys.readouterr().err
+    assert main(["evaluate", str(ckpt), "--data", str(data), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["all"] == trained["all"]
+
+
+def test_cli_reports_task_mismatch(tmp_path, capsys):
+    from sparsecirc.paths import reference_base_checkpoint_path
+
+    data = tmp_path / "d.json"
+    main(["data", "--operand-digits", "1", "--answer-digits", "2", "--test-size", "20", "--out", str(data)])
+    assert main(["evaluate", str(reference_base_checkpoint_path()), "--data", str(data)]) == 2
+    assert "add_d2_a5" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "sparsecirc", "--help"], capture_output=True, text=True, check=True)
+    assert "evaluate" in out.stdout
+
+
+def _names(requirements):
+    return {re.split(r"[<>=!~\[ ]", r.strip(), maxsplit=1)[0].lower() for r in requirements}
+
+
+def _env_yml_pip_lines():
+    lines, inside = [], False
+    for line in (ROOT / "environment.yml").read_text().splitlines():
+        if line.strip() == "- pip:":
+            inside = True
+        elif inside and line.strip().startswith("- "):
+            lines.append(line.strip()[2:])
+    return [l for l in lines if not l.startswith("-")]
+
+
+def test_environment_yml_names_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    conda = _env_yml_pip_lines()
+    assert sorted(conda) == sorted(declared)  # same names and the same version ranges
+    assert _names(conda) == _names(declared)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert f"\n{ci}\n" in readme

@@ -1,0 +1,140 @@
+import json
+
+import pytest
+import torch
+
+from sparsecirc.data import BLANK_ID, VOCAB, AdditionTask, load_split, make_split, save_split
+
+TASK = AdditionTask()
+
+
+def test_layout_of_the_figure_1_example():
+    tokens, answer = TASK.encode_problem("36+28")
+    assert TASK.decode(tokens) == "36+28=?????"
+    assert TASK.decode_answer(answer) == "00064"
+    assert TASK.seq_len == 11 and TASK.answer_positions == [6, 7, 8, 9, 10]
+    assert tokens[6:] == [BLANK_ID] * 5
+    assert len(VOCAB) == 13
+
+
+@pytest.mark.parametrize("task", [AdditionTask(), AdditionTask(3, 4), AdditionTask(1, 2)])
+def test_encode_decode_round_trip_on_every_problem(task):
+    for a, b in task.all_pairs()[:: max(1, task.n_problems // 500)]:
+        tokens, answer = task.encode(a, b)
+        assert task.decode_problem(tokens) == (a, b)
+        assert int(task.decode_answer(answer)) == a + b
+        assert task.parse(task.format_problem(a, b)) == (a, b)
+
+
+def test_parse_accepts_spaces_and_short_operands():
+    assert TASK.parse(" 3 6 + 2 8 ") == (36, 28)
+    assert TASK.parse("7+3") == (7, 3)
+    assert TASK.parse("07+03=") == (7, 3)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("3a+28", "cannot parse"),
+    ("123+4", "at most 2 digits"),
+    ("-3+28", "non-negative"),
+    ("36-28", "cannot parse"),
+    ("36+", "cannot parse"),
+    ("", "cannot parse"),
+])
+def test_bad_problem_strings_say_what_is_allowed(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TASK.parse(bad)
+
+
+def test_operands_out_of_range_and_non_strings():
+    with pytest.raises(ValueError, match="outside 0..99"):
+        TASK.encode(100, 1)
+    with pytest.raises(ValueError, match="outside 0..99"):
+        TASK.encode(-1, 1)
+    with pytest.raises(ValueError, match="string"):
+        TASK.parse(36)
+
+
+def test_bad_token_sequences():
+    with pytest.raises(ValueError, match="expected 11 tokens"):
+        TASK.decode([1, 2, 3])
+    with pytest.raises(ValueError, match="out of range"):
+        TASK.decode([0] * 10 + [13])
+    with pytest.raises(ValueError, match="not a add_d2_a5 input line"):
+        TASK.decode_problem([0] * 11)
+    with pytest.raises(ValueError, match="digit tokens"):
+        TASK.decode_answer([0, 0, 0, 6, 10])
+    with pytest.raises(ValueError, match="expected 5 answer digits"):
+        TASK.decode_answer([6, 4])
+
+
+@pytest.mark.parametrize("operand_digits, answer_digits", [(2, 2), (3, 3), (0, 5), (2, 0)])
+def test_widths_that_cannot_hold_the_sum(operand_digits, answer_digits):
+    with pytest.raises(ValueError):
+        AdditionTask(operand_digits, answer_digits)
+
+
+def test_batch_shapes_and_dtype():
+    tokens, targets = TASK.batch([(36, 28), (99, 99)])
+    assert tokens.shape == (2, 11) and targets.shape == (2, 5)
+    assert tokens.dtype == torch.long
+    assert TASK.decode_answer(targets[1]) == "00198"
+    with pytest.raises(ValueError, match="empty"):
+        TASK.batch([])
+
+
+def test_carries():
+    assert TASK.carries(36, 28) == [True, False]
+    assert TASK.carries(53, 21) == [False, False]
+    assert TASK.carries(43, 59) == [True, True]
+    assert TASK.carries(50, 50) == [False, True]
+
+
+def test_split_counts_disjoint_and_seeded():
+    split = make_split(TASK, test_size=1000, seed=0)
+    assert len(split.train) == 9000 and len(split.test) == 1000
+    assert not set(split.train) & set(split.test)
+    assert set(split.all) == set(TASK.all_pairs())
+    assert make_split(TASK, 1000, 0) == split
+    assert make_split(TASK, 1000, 1).test != split.test
+    with pytest.raises(ValueError, match="test_size"):
+        make_split(TASK, test_size=10_000)
+
+
+def test_save_load_round_trip_and_no_overwrite(tmp_path):
+    split = make_split(AdditionTask(1, 2), test_size=20, seed=3)
+    path = save_split(split, tmp_path / "d.json")
+    assert load_split(path) == split
+    save_split(split, path)  # same content: allowed, nothing changes
+    with pytest.raises(FileExistsError, match="different dataset"):
+        save_split(make_split(AdditionTask(1, 2), test_size=20, seed=4), path)
+
+
+def test_load_rejects_broken_files(tmp_path):
+    split = make_split(AdditionTask(1, 2), test_size=20, seed=3)
+    record = json.loads(save_split(split, tmp_path / "d.json").read_text())
+
+    def write(name, content):
+        p = tmp_path / name
+        p.write_text(content if isinstance(content, str) else json.dumps(content))
+        return p
+
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_split(write("a.json", "{not json"))
+    with pytest.raises(ValueError, match="not a sparsecirc dataset"):
+        load_split(write("b.json", {"format": "other"}))
+    overlap = dict(record, test=record["test"][:-1] + [record["train"][0]])
+    with pytest.raises(ValueError, match="in both train and test"):
+        load_split(write("c.json", overlap))
+    short = dict(record, train=record["train"][:-1], n_train=record["n_train"] - 1)
+    with pytest.raises(ValueError, match="exactly once"):
+        load_split(write("d.json", short))
+    garbage = dict(record, train=["1x+2"] + record["train"][1:])
+    with pytest.raises(ValueError, match="cannot parse"):
+        load_split(write("e.json", garbage))
+
+
+def test_shipped_dataset_is_the_default_split():
+    from sparsecirc.paths import reference_dataset_path
+
+    split = load_split(reference_dataset_path())
+    assert split == make_split(TASK, 1000, 0)

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from sparsecirc.evaluation import evaluate, predict
+from sparsecirc.model import build_model
+from sparsecirc.training import TrainConfig, train
+
+
+def test_tiny_training_run_lowers_the_loss(tiny_config, tiny_split):
+    model = build_model(tiny_config)
+    before = evaluate(model, tiny_split.task, tiny_split.train)
+    history = train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=150, eval_every=50), progress=False)
+    after = evaluate(model, tiny_split.task, tiny_split.train)
+    assert [h["step"] for h in history][:1] == [50]
+    assert after.loss < 0.5 * before.loss
+    assert after.exact_match > before.exact_match
+
+
+def test_training_is_seeded(tiny_config, tiny_split):
+    config = TrainConfig(batch_size=32, max_steps=20, eval_every=10)
+    a, b = build_model(tiny_config), build_model(tiny_config)
+    train(a, tiny_split, config, progress=False)
+    train(b, tiny_split, config, progress=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_training_stops_at_the_target(tiny_config, tiny_split):
+    config = TrainConfig(lr=3e-3, batch_size=64, max_steps=3000, eval_every=10, target_accuracy=0.3)
+    history = train(build_model(tiny_config), tiny_split, config, progress=False)
+    assert history[-1]["step"] < config.max_steps
+    assert history[-1]["train_exact_match"] >= 0.3
+    assert all(h["train_exact_match"] < 0.3 for h in history[:-1])
+
+
+def test_evaluation_lists_failures_with_text(tiny_config, tiny_split):
+    model = build_model(tiny_config)  # untrained: almost everything fails
+    result = evaluate(model, tiny_split.task, tiny_split.test)
+    assert len(result.failures) == round((1 - result.exact_match) * result.n)
+    problem, predicted, expected = result.failures[0]
+    assert len(predicted) == len(expected) == 2 and "+" in problem
+    assert len(predict(model, tiny_split.task, "3+4")) == 2
+    with pytest.raises(ValueError, match="at most 1 digits"):
+        predict(model, tiny_split.task, "36+28")
+
+
+def test_bad_train_config():
+    with pytest.raises(ValueError):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError):
+        TrainConfig(target_accuracy=1.5)
