@@ -21,7 +21,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     batch_size: int = 256
     max_steps: int = 2000
-    eval_every: int = 100
+    eval_every: int = 50
     target_accuracy: float = 1.0
     seed: int = 0
 
