@@ -14,6 +14,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import AdditionTask, load_split, make_split, save_split
 from .evaluation import evaluate
 from .model import ModelConfig, build_model, count_parameters
+from .sparsify import SparsifyConfig, sparsify
 from .training import TrainConfig, train
 
 
@@ -32,10 +33,11 @@ def cmd_data(args) -> dict:
     return {"path": str(out), "task": task.name, "n_train": len(split.train), "n_test": len(split.test), "seed": args.seed}
 
 
-def evaluation_metrics(model, split) -> dict:
-    """Exact match, per-digit accuracy and loss on the held-out split and on every problem."""
-    on_test = evaluate(model, split.task, split.test)
-    on_all = evaluate(model, split.task, split.all)
+def evaluation_metrics(model, split, gate_bias: float | None = None) -> dict:
+    """Exact match, per-digit accuracy and loss on the held-out split and on every problem;
+    for a sparse model (``gate_bias`` set) also the open edges per input."""
+    on_test = evaluate(model, split.task, split.test, gate_bias=gate_bias)
+    on_all = evaluate(model, split.task, split.all, gate_bias=gate_bias)
     return {"test": on_test.summary(), "all": on_all.summary(),
             "failures_all": [list(f) for f in on_all.failures[:50]]}
 
@@ -61,13 +63,37 @@ def cmd_train(args) -> dict:
     return {"checkpoint": str(out), "config": config.name, **metrics}
 
 
-def cmd_evaluate(args) -> dict:
-    model, checkpoint = load_checkpoint(args.checkpoint)
-    split = load_split(args.data)
+def _load_matching(checkpoint_path, data_path):
+    model, checkpoint = load_checkpoint(checkpoint_path)
+    split = load_split(data_path)
     if split.task != checkpoint.config.task:
         raise ValueError(f"checkpoint is for {checkpoint.config.task.name} but the data is {split.task.name}")
+    return model, checkpoint, split
+
+
+def cmd_sparsify(args) -> dict:
+    model, base, split = _load_matching(args.base, args.data)
+    if base.config.is_sparse:
+        raise ValueError(f"{args.base} is already a sparse checkpoint; start from a dense base model")
+    config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, slack=args.slack, seed=args.seed)
+    sparse_config = base.config.sparse(config.gate_bias)
+    out = Path(args.out) if args.out else paths.new_run_dir("cli_sparsify") / f"{sparse_config.name}.pt"
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    start = time.perf_counter()
+    history = sparsify(model, split, config, progress=not args.json)
+    seconds = time.perf_counter() - start
+    metrics = evaluation_metrics(model, split, gate_bias=config.gate_bias)
+    metrics.update(steps=config.steps, sparsify_seconds=round(seconds, 1), tau=history[0]["tau"])
+    save_checkpoint(out, model, sparse_config, metrics, kind="sparse", overwrite=args.force,
+                    extra={"sparsify_config": config.to_dict(), "history": history, "base": str(args.base)})
+    return {"checkpoint": str(out), "config": sparse_config.name, **metrics}
+
+
+def cmd_evaluate(args) -> dict:
+    model, checkpoint, split = _load_matching(args.checkpoint, args.data)
     return {"checkpoint": str(args.checkpoint), "config": checkpoint.config.name, "kind": checkpoint.kind,
-            **evaluation_metrics(model, split)}
+            **evaluation_metrics(model, split, gate_bias=checkpoint.config.gate_bias)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the held-out split and on all problems")
+    p = sub.add_parser("sparsify", help="sparse attention post-training of a base checkpoint")
+    p.add_argument("--base", default=str(paths.reference_base_checkpoint_path()), help="dense base checkpoint")
+    p.add_argument("--data", default=str(paths.reference_dataset_path()))
+    p.add_argument("--out", help="checkpoint path (default: a new folder under runs/cli_sparsify/)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sparsify_defaults = SparsifyConfig()
+    p.add_argument("--gate-bias", type=float, default=sparsify_defaults.gate_bias)
+    p.add_argument("--lr", type=float, default=sparsify_defaults.lr)
+    p.add_argument("--steps", type=int, default=sparsify_defaults.steps)
+    p.add_argument("--slack", type=float, default=sparsify_defaults.slack, help="tau = base training loss + slack")
+    p.add_argument("--seed", type=int, default=sparsify_defaults.seed)
+    p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
+    p.set_defaults(run=cmd_sparsify)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint (dense or sparse) on the held-out split and on all problems")
     p.add_argument("checkpoint")
     p.add_argument("--data", default=str(paths.reference_dataset_path()))
     p.add_argument("--json", action="store_true", help="print metrics as JSON")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, fields, replace
 
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
@@ -27,6 +28,7 @@ class ModelConfig:
     d_mlp: int = 256
     act_fn: str = "relu"
     seed: int = 0
+    gate_bias: float | None = None  # None: dense attention; a number: a sparse model, gated with this bias
 
     def __post_init__(self):
         self.task  # validates the widths
@@ -34,6 +36,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.gate_bias is not None and not (isinstance(self.gate_bias, (int, float)) and math.isfinite(self.gate_bias)):
+            raise ValueError(f"gate_bias must be None (dense) or a finite number, got {self.gate_bias!r}")
         if self.act_fn not in ("relu", "gelu", "gelu_new", "silu"):
             raise ValueError(f"act_fn must be one of relu, gelu, gelu_new, silu; got {self.act_fn!r}")
 
@@ -42,9 +46,20 @@ class ModelConfig:
         return AdditionTask(self.operand_digits, self.answer_digits)
 
     @property
+    def is_sparse(self) -> bool:
+        return self.gate_bias is not None
+
+    @property
     def name(self) -> str:
-        """E.g. ``add_d2_l4_h4``: task digits, layers, heads."""
-        return f"add_d{self.operand_digits}_l{self.n_layers}_h{self.n_heads}"
+        """E.g. ``add_d2_l4_h4`` (dense) or ``add_d2_l4_h4_sparse``: task digits, layers, heads."""
+        return f"add_d{self.operand_digits}_l{self.n_layers}_h{self.n_heads}" + ("_sparse" if self.is_sparse else "")
+
+    def dense(self) -> "ModelConfig":
+        """The same model without gates."""
+        return replace(self, gate_bias=None)
+
+    def sparse(self, gate_bias: float) -> "ModelConfig":
+        return replace(self, gate_bias=float(gate_bias))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -56,3 +56,63 @@ def plot_attention_patterns(patterns: torch.Tensor, task: AdditionTask, problem:
     fig.suptitle(heading + "; rows = query, columns = key")
     fig.tight_layout()
     return fig
+
+
+def plot_sparsify_history(history: list[dict], title: str = "Sparse attention post-training"):
+    """Four panels against steps: CE and its target tau, the multiplier, open edges per input
+    (log scale), and held-out exact match with deterministic gates."""
+    steps = [row["step"] for row in history]
+    evals = [row for row in history if "test_edges" in row]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
+    ax = axes[0, 0]
+    ax.plot(steps, [row["ce"] for row in history], lw=0.6, alpha=0.6, label="CE (sampled gates, batch)")
+    ax.plot(steps, [row["tau"] + row["constraint_ema"] for row in history], lw=1.2, label="moving average")
+    ax.plot(steps, [row["tau"] for row in history], "k--", lw=1, label="target tau")
+    ax.set(yscale="log", title="cross-entropy against its target", xlabel="step")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    ax.plot(steps, [row["multiplier"] for row in history], color="tab:red")
+    ax.set(yscale="log", title="Lagrange multiplier", xlabel="step")
+    ax = axes[1, 0]
+    ax.plot(steps, [row["expected_edges"] for row in history], lw=1, label="expected (training)")
+    ax.plot([row["step"] for row in evals], [row["test_edges"] for row in evals], "o-", ms=3,
+            label="open, deterministic gates (held-out)")
+    ax.set(yscale="log", title="open edges per input", xlabel="step")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    ax.plot([row["step"] for row in evals], [row["test_exact_match"] for row in evals], "o-", ms=3, color="tab:green")
+    ax.set(title="held-out exact match (deterministic gates)", xlabel="step", ylim=(min(0.9, *[r["test_exact_match"] for r in evals]) - 0.01, 1.005))
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_edges_per_layer(per_layer: dict[str, list[float]], title: str = "Open edges per input, by layer"):
+    """Grouped bars: ``{label: [mean open edges in layer 0, 1, ...]}``, log scale."""
+    labels = list(per_layer)
+    n_layers = len(next(iter(per_layer.values())))
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, label in enumerate(labels):
+        xs = [layer + (i - (len(labels) - 1) / 2) * width for layer in range(n_layers)]
+        bars = ax.bar(xs, per_layer[label], width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set(xticks=range(n_layers), xticklabels=[f"layer {l}" for l in range(n_layers)], yscale="symlog",
+           ylabel="mean open edges per input", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_edge_count_distribution(edges_per_input, title: str = "Open edges per input over all problems"):
+    """Histogram of the number of open edges per input (one integer per problem)."""
+    counts = torch.as_tensor(edges_per_input).round().long()
+    values, frequency = counts.unique(return_counts=True)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar(values.tolist(), frequency.tolist(), width=0.8, color="tab:blue")
+    ax.set(xlabel="open edges (all layers and heads)", ylabel="problems", title=title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    return fig

@@ -35,6 +35,15 @@ class TrainConfig:
         return asdict(self)
 
 
+def train_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor, task) -> float:
+    """One optimiser step on a batch: tokens ``[batch, seq_len]``, targets ``[batch, answer_digits]``."""
+    loss = answer_loss(answer_logits(model, tokens, task), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), progress: bool = True) -> list[dict]:
     """Train ``model`` in place on ``split.train``. Returns the history: one dict per
     evaluation with ``step``, ``seconds``, ``train_loss`` (running mean since the last
@@ -48,11 +57,7 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
     bar = tqdm(range(1, config.max_steps + 1), desc="training", disable=not progress)
     for step in bar:
         index = torch.randint(len(train_tokens), (config.batch_size,), generator=generator)
-        loss = answer_loss(answer_logits(model, train_tokens[index], task), train_targets[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running.append(loss.item())
+        running.append(train_step(model, optimizer, train_tokens[index], train_targets[index], task))
         if step % config.eval_every == 0 or step == config.max_steps:
             on_train = evaluate(model, task, split.train)
             on_test = evaluate(model, task, split.test)

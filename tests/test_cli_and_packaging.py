@@ -69,3 +69,20 @@ def test_ci_runs_exactly_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert f"\n{ci}\n" in readme
+
+
+def test_cli_sparsify_then_evaluate_reports_edges(tmp_path, capsys):
+    data = tmp_path / "d.json"
+    main(["data", "--operand-digits", "1", "--answer-digits", "2", "--test-size", "20", "--out", str(data)])
+    base = tmp_path / "base.pt"
+    main(["train", "--data", str(data), "--out", str(base), "--n-layers", "1", "--n-heads", "2", "--d-head", "4",
+          "--d-model", "8", "--d-mlp", "16", "--max-steps", "20", "--json"])
+    capsys.readouterr()
+    sparse = tmp_path / "sparse.pt"
+    assert main(["sparsify", "--base", str(base), "--data", str(data), "--out", str(sparse), "--steps", "10", "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["config"].endswith("_sparse") and "mean_open_edges" in made["all"]
+    assert main(["evaluate", str(sparse), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["all"] == made["all"]
+    assert main(["sparsify", "--base", str(sparse), "--data", str(data), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "already a sparse checkpoint" in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""Sparse attention post-training: fewest expected open edges subject to CE <= tau (GECO-style).
+
+Objective (method.md section 3)::
+
+    minimise   E[open edges per input]      subject to   CE <= tau = CE_base + slack
+    loss     = E[open edges per input] + lambda * (CE - tau)
+
+``lambda`` is a Lagrange multiplier updated, every step, from a moving average of the
+constraint ``CE - tau``: multiplicatively up while the constraint is violated, down while it
+holds. Early on (CE above tau) it protects accuracy; once CE is under target the sparsity
+term takes over. All model weights are fine-tuned; the gates add no parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import AdditionSplit
+from .evaluation import answer_logits, answer_loss, evaluate
+from .gates import DEFAULT_BIAS
+from .sparse_attention import sparse_attention
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """Settings of the constrained fine-tuning.
+
+    ``slack`` is added to the base model's training loss to give ``tau``. The multiplier starts
+    at ``multiplier_init``; each step ``log(lambda) += multiplier_lr * clip(ema / tau, -1, 1)``
+    where ``ema`` is the moving average (weight ``constraint_ema`` on the past) of CE - tau.
+    """
+
+    gate_bias: float = DEFAULT_BIAS
+    lr: float = 1e-3
+    batch_size: int = 256
+    steps: int = 3000
+    slack: float = 0.01
+    multiplier_init: float = 1.0
+    multiplier_lr: float = 0.05
+    constraint_ema: float = 0.9
+    multiplier_min: float = 1e-3
+    multiplier_max: float = 1e7
+    eval_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        if not math.isfinite(self.gate_bias):
+            raise ValueError(f"gate_bias must be finite, got {self.gate_bias}")
+        if self.lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1:
+            raise ValueError(f"lr, batch_size, steps and eval_every must be positive: {self}")
+        if self.slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr <= 0:
+            raise ValueError(f"need slack >= 0, 0 <= constraint_ema < 1, multiplier_lr > 0: {self}")
+        if not 0 < self.multiplier_min <= self.multiplier_init <= self.multiplier_max:
+            raise ValueError(f"need 0 < multiplier_min <= multiplier_init <= multiplier_max: {self}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LagrangeMultiplier:
+    """GECO-style multiplier for the constraint ``CE <= tau``.
+
+    >>> m = LagrangeMultiplier(tau=0.1, init=1.0, lr=0.1, ema=0.0)
+    >>> m.update(0.3) > 1.0   # violated: grows
+    True
+    """
+
+    def __init__(self, tau: float, init: float = 1.0, lr: float = 0.02, ema: float = 0.9,
+                 minimum: float = 1e-3, maximum: float = 1e4):
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.tau, self.lr, self.ema, self.minimum, self.maximum = tau, lr, ema, minimum, maximum
+        self.value = float(init)
+        self.constraint_ema: float | None = None
+
+    def update(self, ce: float) -> float:
+        """Feed this step's CE; returns the new multiplier."""
+        constraint = ce - self.tau
+        self.constraint_ema = constraint if self.constraint_ema is None else (
+            self.ema * self.constraint_ema + (1 - self.ema) * constraint)
+        relative = max(-1.0, min(1.0, self.constraint_ema / self.tau))
+        self.value = min(self.maximum, max(self.minimum, self.value * math.exp(self.lr * relative)))
+        return self.value
+
+
+def sparsify_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor, task, gate_bias: float,
+                  multiplier: float, tau: float, generator: torch.Generator | None = None) -> dict:
+    """One optimiser step of the Lagrangian with sampled gates. Returns this batch's ``ce`` and
+    the ``expected_edges`` and ``sampled_edges`` per input (means over the batch)."""
+    with sparse_attention(model, "sample", gate_bias, generator=generator) as gates:
+        ce = answer_loss(answer_logits(model, tokens, task), targets)
+        expected = gates.expected_edges.sum(dim=(1, 2)).mean()
+        sampled = gates.open_edges.sum(dim=(1, 2)).mean()
+    loss = expected + multiplier * (ce - tau)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"ce": ce.item(), "expected_edges": expected.item(), "sampled_edges": sampled.item()}
+
+
+def base_loss(model, split: AdditionSplit) -> float:
+    """Cross-entropy of the dense model on the training split: the reference for tau."""
+    return evaluate(model, split.task, split.train).loss
+
+
+def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfig(), progress: bool = True,
+             tau: float | None = None) -> list[dict]:
+    """Fine-tune ``model`` in place with sampled edge gates under the CE constraint.
+
+    Returns the history: one row per step (``step``, ``ce``, ``tau``, ``multiplier``,
+    ``expected_edges`` and ``sampled_edges`` per input), and on evaluation steps also the
+    deterministic-gate ``test_exact_match``, ``test_loss`` and ``test_edges`` (mean per input).
+    """
+    task = split.task
+    tau = base_loss(model, split) + config.slack if tau is None else tau
+    tokens, targets = task.batch(list(split.train))
+    batch_generator = torch.Generator().manual_seed(config.seed)
+    gate_generator = torch.Generator().manual_seed(config.seed + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    multiplier = LagrangeMultiplier(tau, config.multiplier_init, config.multiplier_lr, config.constraint_ema,
+                                    config.multiplier_min, config.multiplier_max)
+    history, start = [], time.perf_counter()
+    model.train()
+    bar = tqdm(range(1, config.steps + 1), desc="sparsifying", disable=not progress)
+    for step in bar:
+        index = torch.randint(len(tokens), (config.batch_size,), generator=batch_generator)
+        lam = multiplier.value
+        stats = sparsify_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias, lam, tau,
+                              gate_generator)
+        multiplier.update(stats["ce"])
+        row = {"step": step, "seconds": time.perf_counter() - start, "tau": tau, "multiplier": lam,
+               "constraint_ema": multiplier.constraint_ema, **stats}
+        if step % config.eval_every == 0 or step == config.steps:
+            result = evaluate(model, task, split.test, gate_bias=config.gate_bias)
+            row.update(test_exact_match=result.exact_match, test_loss=result.loss, test_edges=result.mean_open_edges)
+            bar.set_postfix(ce=f"{stats['ce']:.3f}", lam=f"{lam:.2g}", edges=f"{result.mean_open_edges:.1f}",
+                            acc=f"{result.exact_match:.3f}")
+            model.train()
+        history.append(row)
+    bar.close()
+    model.eval()
+    return history

@@ -1,0 +1,77 @@
+import math
+
+import pytest
+
+from sparsecirc.checkpoint import load_checkpoint, save_checkpoint
+from sparsecirc.evaluation import evaluate
+from sparsecirc.model import build_model
+from sparsecirc.sparsify import LagrangeMultiplier, SparsifyConfig, sparsify
+from sparsecirc.training import TrainConfig, train
+
+
+def test_multiplier_grows_while_the_constraint_is_violated():
+    m = LagrangeMultiplier(tau=0.1, init=1.0, lr=0.1, ema=0.5)
+    values = [m.update(0.5) for _ in range(20)]
+    assert all(b > a for a, b in zip(values, values[1:]))
+
+
+def test_multiplier_shrinks_while_the_constraint_holds():
+    m = LagrangeMultiplier(tau=0.1, init=10.0, lr=0.1, ema=0.5)
+    values = [m.update(0.01) for _ in range(20)]
+    assert all(b < a for a, b in zip(values, values[1:]))
+
+
+def test_multiplier_follows_the_moving_average_not_single_steps():
+    m = LagrangeMultiplier(tau=0.1, init=1.0, lr=0.1, ema=0.9)
+    for _ in range(30):
+        m.update(0.3)  # long violation
+    before = m.value
+    m.update(0.0)  # one good step: the average is still above tau, so it keeps growing
+    assert m.value > before
+    assert m.constraint_ema > 0
+
+
+def test_multiplier_stays_in_bounds_and_is_steady_at_the_target():
+    m = LagrangeMultiplier(tau=0.1, init=1.0, lr=1.0, ema=0.0, minimum=0.5, maximum=4.0)
+    for _ in range(50):
+        m.update(10.0)
+    assert m.value == 4.0
+    for _ in range(50):
+        m.update(0.0)
+    assert m.value == 0.5
+    steady = LagrangeMultiplier(tau=0.1, init=2.0, lr=0.5, ema=0.0)
+    steady.update(0.1)
+    assert math.isclose(steady.value, 2.0)
+
+
+def test_bad_sparsify_configs():
+    with pytest.raises(ValueError):
+        SparsifyConfig(gate_bias=float("inf"))
+    with pytest.raises(ValueError):
+        SparsifyConfig(multiplier_init=0.0)
+    with pytest.raises(ValueError):
+        SparsifyConfig(constraint_ema=1.0)
+    with pytest.raises(ValueError, match="tau"):
+        LagrangeMultiplier(tau=0.0)
+
+
+def test_tiny_sparsify_closes_edges_logs_every_step_and_round_trips(tmp_path, tiny_config, tiny_split):
+    model = build_model(tiny_config)
+    train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
+    config = SparsifyConfig(gate_bias=2.0, lr=3e-3, batch_size=64, steps=120, eval_every=40, slack=0.05)
+    history = sparsify(model, tiny_split, config, progress=False)
+    assert [row["step"] for row in history] == list(range(1, 121))
+    assert {"ce", "tau", "multiplier", "expected_edges", "sampled_edges"} <= set(history[0])
+    assert "test_edges" in history[39] and "test_edges" not in history[40]
+    assert history[-1]["expected_edges"] < history[0]["expected_edges"]
+
+    sparse_config = tiny_config.sparse(config.gate_bias)
+    path = save_checkpoint(tmp_path / "s.pt", model, sparse_config, kind="sparse")
+    reloaded, checkpoint = load_checkpoint(path, expected_config=sparse_config)
+    assert checkpoint.config.gate_bias == 2.0 and checkpoint.config.name.endswith("_sparse")
+    a = evaluate(model, tiny_split.task, tiny_split.all, gate_bias=2.0)
+    b = evaluate(reloaded, tiny_split.task, tiny_split.all, gate_bias=checkpoint.config.gate_bias)
+    assert a.summary() == b.summary()
+    assert a.mean_open_edges < tiny_config.n_layers * tiny_config.n_heads * 10  # 10 causal pairs at 4 positions... at most
+    with pytest.raises(ValueError, match="gate_bias"):
+        load_checkpoint(path, expected_config=tiny_config)  # a sparse checkpoint is not the dense config
