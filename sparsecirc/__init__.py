@@ -8,15 +8,20 @@ Modules, one idea each:
     model       ModelConfig -> a TransformerLens-native TransformerBridge
     checkpoint  weights + config + metrics in one validated file
     training    base training on the answer slots
-    evaluation  exact match, per-digit accuracy, loss, failures
+    evaluation  exact match, per-digit accuracy, loss, failures, open edges
+    gates       the gate of one edge: logit, hard sample, straight-through gradient, expectation
+    sparse_attention  `with sparse_attention(model, mode) as gates:` gates every edge via hooks
+    sparsify    the constrained (GECO-style) sparse post-training loop
     paths       data/ (shipped) and runs/ (each run's outputs)
-    plots       loss curves and attention patterns
+    plots       training curves, attention patterns, edge counts
 """
 
 from .checkpoint import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .data import VOCAB, AdditionSplit, AdditionTask, load_split, make_split, save_split
 from .evaluation import Evaluation, answer_logits, answer_loss, evaluate, predict
 from .model import ModelConfig, build_model, count_parameters
+from .sparse_attention import Edge, EdgeGates, mask_closing, mask_keeping, sparse_attention
+from .sparsify import LagrangeMultiplier, SparsifyConfig, sparsify
 from .training import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -27,4 +32,6 @@ __all__ = [
     "Checkpoint", "save_checkpoint", "read_checkpoint", "load_checkpoint",
     "TrainConfig", "train",
     "Evaluation", "evaluate", "predict", "answer_logits", "answer_loss",
+    "Edge", "EdgeGates", "sparse_attention", "mask_closing", "mask_keeping",
+    "SparsifyConfig", "LagrangeMultiplier", "sparsify",
 ]

@@ -13,6 +13,7 @@ term takes over. All model weights are fine-tuned; the gates add no parameters.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +23,6 @@ from tqdm.auto import tqdm
 
 from .data import AdditionSplit
 from .evaluation import answer_logits, answer_loss, evaluate
-from .gates import DEFAULT_BIAS
 from .sparse_attention import sparse_attention
 
 
@@ -30,29 +30,38 @@ from .sparse_attention import sparse_attention
 class SparsifyConfig:
     """Settings of the constrained fine-tuning.
 
-    ``slack`` is added to the base model's training loss to give ``tau``. The multiplier starts
+    ``slack`` is added to the base model's training loss to give ``tau``. Every ``eval_every``
+    steps the model is evaluated with deterministic gates on the training split; the run ends
+    with the evaluated state that has the fewest open edges among those whose exact match there
+    is at least ``select_accuracy`` (the held-out split never steers the choice). The multiplier starts
     at ``multiplier_init``; each step ``log(lambda) += multiplier_lr * clip(ema / tau, -1, 1)``
     where ``ema`` is the moving average (weight ``constraint_ema`` on the past) of CE - tau.
     """
 
-    gate_bias: float = DEFAULT_BIAS
-    lr: float = 1e-3
+    gate_bias: float = 3.0
+    lr: float = 2e-3
+    adam_beta2: float = 0.99  # short memory: forget the large gradients of a high-multiplier phase
     batch_size: int = 256
-    steps: int = 3000
-    slack: float = 0.01
-    multiplier_init: float = 1.0
+    steps: int = 2400
+    slack: float = 0.02
+    multiplier_init: float = 1e3
     multiplier_lr: float = 0.05
     constraint_ema: float = 0.9
     multiplier_min: float = 1e-3
-    multiplier_max: float = 1e7
+    multiplier_max: float = 1e6
     eval_every: int = 100
+    select_accuracy: float = 0.999
     seed: int = 0
 
     def __post_init__(self):
+        if not 0 <= self.select_accuracy <= 1:
+            raise ValueError(f"select_accuracy must be in [0, 1], got {self.select_accuracy}")
         if not math.isfinite(self.gate_bias):
             raise ValueError(f"gate_bias must be finite, got {self.gate_bias}")
         if self.lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1:
             raise ValueError(f"lr, batch_size, steps and eval_every must be positive: {self}")
+        if not 0 < self.adam_beta2 < 1:
+            raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr <= 0:
             raise ValueError(f"need slack >= 0, 0 <= constraint_ema < 1, multiplier_lr > 0: {self}")
         if not 0 < self.multiplier_min <= self.multiplier_init <= self.multiplier_max:
@@ -114,17 +123,19 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
 
     Returns the history: one row per step (``step``, ``ce``, ``tau``, ``multiplier``,
     ``expected_edges`` and ``sampled_edges`` per input), and on evaluation steps also the
-    deterministic-gate ``test_exact_match``, ``test_loss`` and ``test_edges`` (mean per input).
+    deterministic-gate ``train_exact_match``, ``train_edges``, ``test_exact_match``, ``test_loss``
+    and ``test_edges`` (edges: mean per input). The model is left in the selected state (see
+    :class:`SparsifyConfig`); its step is in the last row's ``selected_step``.
     """
     task = split.task
     tau = base_loss(model, split) + config.slack if tau is None else tau
     tokens, targets = task.batch(list(split.train))
     batch_generator = torch.Generator().manual_seed(config.seed)
     gate_generator = torch.Generator().manual_seed(config.seed + 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2))
     multiplier = LagrangeMultiplier(tau, config.multiplier_init, config.multiplier_lr, config.constraint_ema,
                                     config.multiplier_min, config.multiplier_max)
-    history, start = [], time.perf_counter()
+    history, start, best = [], time.perf_counter(), None
     model.train()
     bar = tqdm(range(1, config.steps + 1), desc="sparsifying", disable=not progress)
     for step in bar:
@@ -136,12 +147,19 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
         row = {"step": step, "seconds": time.perf_counter() - start, "tau": tau, "multiplier": lam,
                "constraint_ema": multiplier.constraint_ema, **stats}
         if step % config.eval_every == 0 or step == config.steps:
-            result = evaluate(model, task, split.test, gate_bias=config.gate_bias)
-            row.update(test_exact_match=result.exact_match, test_loss=result.loss, test_edges=result.mean_open_edges)
-            bar.set_postfix(ce=f"{stats['ce']:.3f}", lam=f"{lam:.2g}", edges=f"{result.mean_open_edges:.1f}",
-                            acc=f"{result.exact_match:.3f}")
+            on_train = evaluate(model, task, split.train, gate_bias=config.gate_bias)
+            on_test = evaluate(model, task, split.test, gate_bias=config.gate_bias)
+            row.update(train_exact_match=on_train.exact_match, train_edges=on_train.mean_open_edges,
+                       test_exact_match=on_test.exact_match, test_loss=on_test.loss, test_edges=on_test.mean_open_edges)
+            if on_train.exact_match >= config.select_accuracy and (best is None or on_train.mean_open_edges <= best[0]):
+                best = (on_train.mean_open_edges, step, copy.deepcopy(model.state_dict()))
+            bar.set_postfix(ce=f"{stats['ce']:.3f}", lam=f"{lam:.2g}", edges=f"{on_train.mean_open_edges:.1f}",
+                            acc=f"{on_train.exact_match:.4f}")
             model.train()
         history.append(row)
     bar.close()
+    if best is not None:
+        model.load_state_dict(best[2])
+    history[-1]["selected_step"] = best[1] if best is not None else config.steps
     model.eval()
     return history
