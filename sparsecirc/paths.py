@@ -35,10 +35,6 @@ def reference_base_checkpoint_path() -> Path:
     return data_dir() / "reference" / "add_d2_l4_h4_base.pt"
 
 
-def reference_sparse_checkpoint_path() -> Path:
-    return data_dir() / "reference" / "add_d2_l4_h4_sparse.pt"
-
-
 def runs_root() -> Path:
     env = os.environ.get("SPARSECIRC_RUNS")
     return Path(env) if env else repo_root() / "runs"

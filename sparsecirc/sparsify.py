@@ -30,7 +30,10 @@ from .sparse_attention import sparse_attention
 class SparsifyConfig:
     """Settings of the constrained fine-tuning.
 
-    ``slack`` is added to the base model's training loss to give ``tau``. Every ``eval_every``
+    ``slack`` is added to the base model's training loss to give ``tau``. The last
+    ``settle_steps`` of the ``steps`` fine-tune on CE alone under *deterministic* gates, the way
+    the model is evaluated: the hard gates pass no gradient, so the loss polishes the surviving
+    circuit and removes the jitter that sampled gates leave at the end of the first phase. Every ``eval_every``
     steps the model is evaluated with deterministic gates on the training split; the run ends
     with the evaluated state that has the fewest open edges among those whose exact match there
     is at least ``select_accuracy`` (the held-out split never steers the choice). The multiplier starts
@@ -39,10 +42,10 @@ class SparsifyConfig:
     """
 
     gate_bias: float = 3.0
-    lr: float = 2e-3
+    lr: float = 3e-3
     adam_beta2: float = 0.99  # short memory: forget the large gradients of a high-multiplier phase
     batch_size: int = 256
-    steps: int = 2400
+    steps: int = 1900
     slack: float = 0.02
     multiplier_init: float = 1e3
     multiplier_lr: float = 0.05
@@ -50,6 +53,8 @@ class SparsifyConfig:
     multiplier_min: float = 1e-3
     multiplier_max: float = 1e6
     eval_every: int = 100
+    settle_steps: int = 200
+    settle_lr: float = 1e-3
     select_accuracy: float = 0.999
     seed: int = 0
 
@@ -58,8 +63,10 @@ class SparsifyConfig:
             raise ValueError(f"select_accuracy must be in [0, 1], got {self.select_accuracy}")
         if not math.isfinite(self.gate_bias):
             raise ValueError(f"gate_bias must be finite, got {self.gate_bias}")
-        if self.lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1:
-            raise ValueError(f"lr, batch_size, steps and eval_every must be positive: {self}")
+        if self.lr <= 0 or self.settle_lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1:
+            raise ValueError(f"lr, settle_lr, batch_size, steps and eval_every must be positive: {self}")
+        if not 0 <= self.settle_steps < self.steps:
+            raise ValueError(f"settle_steps must be in 0..steps-1, got {self.settle_steps} of {self.steps}")
         if not 0 < self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr <= 0:
@@ -112,6 +119,19 @@ def sparsify_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor,
     return {"ce": ce.item(), "expected_edges": expected.item(), "sampled_edges": sampled.item()}
 
 
+def settle_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor, task, gate_bias: float) -> dict:
+    """One optimiser step on CE alone with deterministic gates. The hard gates pass no gradient,
+    so the loss cannot reopen edges directly; drift of the queries and keys can (measured: a few
+    edges per 100 steps), which is why the settle phase is short and the state is selected."""
+    with sparse_attention(model, "deterministic", gate_bias) as gates:
+        ce = answer_loss(answer_logits(model, tokens, task), targets)
+        open_edges = gates.open_edges.sum(dim=(1, 2)).mean()
+    optimizer.zero_grad(set_to_none=True)
+    ce.backward()
+    optimizer.step()
+    return {"ce": ce.item(), "expected_edges": float("nan"), "sampled_edges": open_edges.item()}
+
+
 def base_loss(model, split: AdditionSplit) -> float:
     """Cross-entropy of the dense model on the training split: the reference for tau."""
     return evaluate(model, split.task, split.train).loss
@@ -141,11 +161,16 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     for step in bar:
         index = torch.randint(len(tokens), (config.batch_size,), generator=batch_generator)
         lam = multiplier.value
-        stats = sparsify_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias, lam, tau,
-                              gate_generator)
-        multiplier.update(stats["ce"])
+        if step <= config.steps - config.settle_steps:
+            stats = sparsify_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias, lam, tau,
+                                  gate_generator)
+            multiplier.update(stats["ce"])
+        else:
+            if step == config.steps - config.settle_steps + 1:
+                optimizer = torch.optim.Adam(model.parameters(), lr=config.settle_lr, betas=(0.9, config.adam_beta2))
+            stats = settle_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias)
         row = {"step": step, "seconds": time.perf_counter() - start, "tau": tau, "multiplier": lam,
-               "constraint_ema": multiplier.constraint_ema, **stats}
+               "constraint_ema": multiplier.constraint_ema, "phase": "sparsify" if step <= config.steps - config.settle_steps else "settle", **stats}
         if step % config.eval_every == 0 or step == config.steps:
             on_train = evaluate(model, task, split.train, gate_bias=config.gate_bias)
             on_test = evaluate(model, task, split.test, gate_bias=config.gate_bias)

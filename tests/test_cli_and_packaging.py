@@ -79,7 +79,7 @@ def test_cli_sparsify_then_evaluate_reports_edges(tmp_path, capsys):
           "--d-model", "8", "--d-mlp", "16", "--max-steps", "20", "--json"])
     capsys.readouterr()
     sparse = tmp_path / "sparse.pt"
-    assert main(["sparsify", "--base", str(base), "--data", str(data), "--out", str(sparse), "--steps", "10", "--json"]) == 0
+    assert main(["sparsify", "--base", str(base), "--data", str(data), "--out", str(sparse), "--steps", "300", "--json"]) == 0
     made = json.loads(capsys.readouterr().out)
     assert made["config"].endswith("_sparse") and "mean_open_edges" in made["all"]
     assert main(["evaluate", str(sparse), "--data", str(data), "--json"]) == 0
