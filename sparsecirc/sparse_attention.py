@@ -64,22 +64,24 @@ def check_edge(model, edge: Edge) -> None:
         raise ValueError(f"{edge}: not a causal edge; a query can only read keys at or before it")
 
 
-def mask_closing(model, edges) -> torch.Tensor:
-    """A ``[layer, head, query, key]`` mask of ones with ``edges`` set to 0 (closed)."""
-    mask = torch.ones(attention_shape(model)[:2] + (model.cfg.n_ctx, model.cfg.n_ctx))
+def _edge_mask(model, edges, background: float) -> torch.Tensor:
+    """``[layer, head, query, key]`` filled with ``background``, ``edges`` set to the other value."""
+    n_layers, n_heads, n_ctx = attention_shape(model)
+    mask = torch.full((n_layers, n_heads, n_ctx, n_ctx), background)
     for edge in edges:
         check_edge(model, edge)
-        mask[edge.layer, edge.head, edge.query, edge.key] = 0
+        mask[edge.layer, edge.head, edge.query, edge.key] = 1.0 - background
     return mask
+
+
+def mask_closing(model, edges) -> torch.Tensor:
+    """A ``[layer, head, query, key]`` mask of ones with ``edges`` set to 0 (closed)."""
+    return _edge_mask(model, edges, background=1.0)
 
 
 def mask_keeping(model, edges) -> torch.Tensor:
     """A ``[layer, head, query, key]`` mask of zeros with only ``edges`` set to 1 (open)."""
-    mask = torch.zeros(attention_shape(model)[:2] + (model.cfg.n_ctx, model.cfg.n_ctx))
-    for edge in edges:
-        check_edge(model, edge)
-        mask[edge.layer, edge.head, edge.query, edge.key] = 1
-    return mask
+    return _edge_mask(model, edges, background=0.0)
 
 
 class EdgeGates:
