@@ -65,7 +65,7 @@ def plot_sparsify_history(history: list[dict], title: str = "Sparse attention po
     evals = [row for row in history if "test_edges" in row]
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
     ax = axes[0, 0]
-    ax.plot(steps, [row["ce"] for row in history], lw=0.6, alpha=0.6, label="CE (sampled gates, batch)")
+    ax.plot(steps, [row["ce"] for row in history], lw=0.6, alpha=0.6, label="CE (training batch)")
     ax.plot(steps, [row["tau"] + row["constraint_ema"] for row in history], lw=1.2, label="moving average")
     ax.plot(steps, [row["tau"] for row in history], "k--", lw=1, label="target tau")
     ax.set(yscale="log", title="cross-entropy against its target", xlabel="step")

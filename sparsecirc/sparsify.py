@@ -8,7 +8,8 @@ Objective (method.md section 3)::
 ``lambda`` is a Lagrange multiplier updated, every step, from a moving average of the
 constraint ``CE - tau``: multiplicatively up while the constraint is violated, down while it
 holds. Early on (CE above tau) it protects accuracy; once CE is under target the sparsity
-term takes over. All model weights are fine-tuned; the gates add no parameters.
+term takes over. All model weights are fine-tuned; the gates add no parameters. A short final
+settle phase fine-tunes on CE under deterministic gates (see :class:`SparsifyConfig`).
 """
 
 from __future__ import annotations
