@@ -96,6 +96,7 @@ class EdgeGates:
         self._k: list[torch.Tensor | None] = [None] * n_layers
         self._logits: list[torch.Tensor | None] = [None] * n_layers
         self._masks: list[torch.Tensor | None] = [None] * n_layers
+        self._patterns: list[torch.Tensor | None] = [None] * n_layers
 
     def _stacked(self, items, what):
         if any(item is None for item in items):
@@ -122,6 +123,12 @@ class EdgeGates:
         if self.mode == "dense":
             raise RuntimeError("dense mode computes no gate logits")
         return expected_edges(self._stacked(self._logits, "gate logits"))
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Attention actually used ``[batch, layer, head, query, key]``: the softmax pattern times
+        the gates (no gradient). Zero on closed edges; the whole causal pattern in dense mode."""
+        return self._stacked(self._patterns, "attention patterns") * self.masks.detach()
 
     @property
     def open_edges(self) -> torch.Tensor:
@@ -180,6 +187,7 @@ def sparse_attention(model, mode: str = "deterministic", bias: float = DEFAULT_B
                 fixed = edge_mask[..., layer, :, :n_pos, :n_pos].to(pattern.dtype)
                 mask = mask * fixed
             gates._masks[layer] = mask * causal_mask(n_pos, pattern.device)  # recorded gates: causal pairs only
+            gates._patterns[layer] = pattern.detach()
             gates._q[layer] = gates._k[layer] = None
             return pattern * mask
         return hook

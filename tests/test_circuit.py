@@ -1,0 +1,99 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import networkx as nx
+import pytest
+import torch
+
+from sparsecirc.circuit import (attention_edges, build_circuit_graph, circuit_graph, describe_edges, edge_frequency,
+                                frequency_graph, prune_to_answers, restrict_to_digit)
+from sparsecirc.circuit_plots import plot_circuits, plot_edge_frequency, save_figure
+from sparsecirc.gates import causal_mask
+from sparsecirc.model import build_model
+from sparsecirc.plots import attention_patterns
+from sparsecirc.sparse_attention import Edge, mask_keeping
+
+
+def test_graph_of_a_tiny_model_with_known_gates(tiny_config, tiny_split):
+    task, model = tiny_split.task, build_model(tiny_config)
+    kept = [Edge(0, 0, 5, 1), Edge(0, 1, 5, 1), Edge(1, 0, 5, 5)]  # two heads on one pair; one self edge
+    graph = circuit_graph(model, task, "3+4", edge_mask=mask_keeping(model, kept))
+    assert graph.number_of_nodes() == (tiny_config.n_layers + 1) * task.seq_len == 18
+    assert graph.number_of_edges() == tiny_config.n_layers * task.seq_len + 1  # residuals + one cross edge
+    edges = {(u, v): d for u, v, d in attention_edges(graph)}
+    assert set(edges) == {((0, 1), (1, 5)), ((1, 5), (2, 5))}
+    assert set(edges[(0, 1), (1, 5)]["heads"]) == {0, 1} and not edges[(0, 1), (1, 5)]["residual"]
+    assert edges[(1, 5), (2, 5)]["residual"] and set(edges[(1, 5), (2, 5)]["heads"]) == {0}
+    patterns = attention_patterns(model, task, "3+4")
+    assert edges[(0, 1), (1, 5)]["heads"][1] == pytest.approx(float(patterns[0, 1, 5, 1]))
+    assert [graph.nodes[(0, p)]["label"] for p in range(task.seq_len)] == list("3+4=??")
+    assert graph.graph["predicted"] == "".join(graph.nodes[(2, p)]["label"] for p in task.answer_positions)
+
+
+def test_dense_graph_has_every_causal_edge_with_its_weight(tiny_config, tiny_split):
+    task, model = tiny_split.task, build_model(tiny_config)
+    graph = circuit_graph(model, task, "3+4")
+    pairs = task.seq_len * (task.seq_len + 1) // 2
+    assert len(attention_edges(graph)) == tiny_config.n_layers * pairs
+    assert all(len(d["heads"]) == tiny_config.n_heads for _, _, d in attention_edges(graph))
+    # each query's attention sums to 1 per head, so the weights into a node sum to n_heads
+    for level in range(tiny_config.n_layers):
+        into = sum(d["weight"] for u, v, d in graph.in_edges((level + 1, 4), data=True))
+        assert into == pytest.approx(tiny_config.n_heads, abs=1e-5)
+    assert len(describe_edges(graph)) == tiny_config.n_layers * tiny_config.n_heads * pairs
+
+
+def test_pruning_keeps_exactly_what_reaches_the_answer():
+    # 2 layers, 4 positions, answer at 3. Layer 0: 2 <- 0 and 1 <- 0. Layer 1: 3 <- 2.
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, 2, 0] = mask[0, 0, 1, 0] = mask[1, 0, 3, 2] = 1
+    graph = build_circuit_graph(mask * 0.5, mask, list("abcd"), ["", "", "", "x"], [3])
+    pruned = prune_to_answers(graph)
+    assert set(pruned.nodes) == {(2, 3), (1, 3), (1, 2), (0, 3), (0, 2), (0, 0)}
+    assert {(u, v) for u, v, _ in attention_edges(pruned)} == {((0, 0), (1, 2)), ((1, 2), (2, 3))}
+    assert nx.is_directed_acyclic_graph(pruned)
+    assert set(restrict_to_digit(graph, 0).nodes) == set(pruned.nodes)
+    # the answer at position 1 needs only 1 <- 0 in layer 0 and residuals
+    assert set(prune_to_answers(graph, [1]).nodes) == {(2, 1), (1, 1), (0, 1), (0, 0)}
+
+
+def test_bad_graph_inputs_are_refused(tiny_config, tiny_split):
+    task, model = tiny_split.task, build_model(tiny_config)
+    graph = circuit_graph(model, task, "3+4")
+    with pytest.raises(ValueError, match="digit must be in 0..1"):
+        restrict_to_digit(graph, 2)
+    with pytest.raises(ValueError, match="positions must be"):
+        prune_to_answers(graph, [6])
+    with pytest.raises(ValueError):
+        circuit_graph(model, task, "36+28")  # the tiny task has 1-digit operands
+    with pytest.raises(ValueError, match="non-causal"):
+        bad = torch.zeros(1, 1, 3, 3)
+        bad[0, 0, 0, 2] = 1
+        build_circuit_graph(bad, bad, list("abc"), list("abc"), [2])
+
+
+def test_edge_frequency_counts_open_gates(tiny_config, tiny_split):
+    task, model = tiny_split.task, build_model(tiny_config)
+    all_open = edge_frequency(model, task, tiny_split.all, gate_bias=100.0)
+    assert torch.equal(all_open, causal_mask(task.seq_len).float().expand_as(all_open))
+    assert edge_frequency(model, task, tiny_split.all, gate_bias=-100.0).sum() == 0
+    some = edge_frequency(model, task, tiny_split.all, gate_bias=0.0)
+    assert ((some >= 0) & (some <= 1)).all()
+    graph = frequency_graph(some, task, min_frequency=0.5)
+    assert len(attention_edges(graph)) == len({(l, q, k) for l, h, q, k in (some > 0.5).nonzero().tolist()})
+
+
+def test_circuit_plots_run_headless_and_save_without_overwriting(tmp_path, tiny_config, tiny_split):
+    task, model = tiny_split.task, build_model(tiny_config)
+    graphs = {"dense": circuit_graph(model, task, "3+4"), "gated": circuit_graph(model, task, "3+4", gate_bias=0.0)}
+    figures = {"weights": plot_circuits(graphs, position_labels=task.position_labels),
+               "heads": plot_circuits(graphs, color_by="head"),
+               "frequency": plot_edge_frequency(edge_frequency(model, task, tiny_split.all, 0.0), task.position_labels)}
+    for name, fig in figures.items():
+        paths = save_figure(fig, tmp_path / "figures", name)
+        assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_figure(figures["weights"], tmp_path / "figures", "weights")
+    with pytest.raises(ValueError, match="color_by"):
+        plot_circuits(graphs, color_by="rainbow")
