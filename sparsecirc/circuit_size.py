@@ -1,0 +1,124 @@
+"""Circuit size by activation patching: how many heads and edges explain the behaviour.
+
+1. Effects: patch one component (head, MLP) or one edge at a time with its corrupted value in
+   the clean run; its effect is the drop of the mean logit difference (see :mod:`.patching`).
+2. Curves: rank by |effect|, keep the top k clean and patch all the rest; the *explained effect*
+   is ``(M_k - M_corrupted) / (M_clean - M_corrupted)``: 1 with everything kept, 0 with nothing.
+3. Circuit size: the smallest k whose explained effect reaches a level such as 0.9.
+
+Heads and edges are ranked with the MLPs left unpatched (they recompute from what reaches them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .gates import causal_mask
+from .patching import PatchingPairs, logit_difference, patched_logits, record_attention
+
+
+@dataclass
+class PatchingEffects:
+    """Mean logit difference of the clean and corrupted runs, and the effect of patching each
+    head ``[layer, head]``, MLP ``[layer]`` and edge ``[layer, head, query, key]`` alone.
+    ``edge_candidates``: edges open in some run (all causal edges for a dense model); any other
+    edge carries nothing in either run, so its effect is exactly 0 and is not computed."""
+
+    clean: float
+    corrupted: float
+    head_effects: torch.Tensor
+    mlp_effects: torch.Tensor
+    edge_effects: torch.Tensor
+    edge_candidates: torch.Tensor
+
+    @property
+    def full_effect(self) -> float:
+        return self.clean - self.corrupted
+
+
+class Patcher:
+    """Runs batches of patched variants of one set of pairs on one model."""
+
+    def __init__(self, model, pairs: PatchingPairs, gate_bias: float | None = None, batch_limit: int = 4096,
+                 progress: bool = True):
+        self.model, self.pairs, self.gate_bias, self.progress = model, pairs, gate_bias, progress
+        model.eval()
+        self.clean_tokens, corrupted_tokens, self.clean_targets, self.corrupted_targets = pairs.tokens()
+        self.clean_run = record_attention(model, self.clean_tokens, gate_bias)
+        self.corrupted_run = record_attention(model, corrupted_tokens, gate_bias)
+        self.variants_per_pass = max(1, batch_limit // len(pairs))
+        self.shape = (model.cfg.n_layers, model.cfg.n_heads, self.clean_tokens.shape[1], self.clean_tokens.shape[1])
+
+    def metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean logit difference per variant: ``[variant * pair, pos, vocab] -> [variant]``."""
+        answers = logits[:, self.pairs.task.prompt_len:]
+        return logit_difference(answers, self.clean_targets, self.corrupted_targets).view(-1, len(self.pairs)).mean(-1)
+
+    def run(self, keep: torch.Tensor, keep_mlp: torch.Tensor | None = None, desc: str = "patching") -> torch.Tensor:
+        """Mean metric for each variant: ``keep [variant, layer, head, q, k]``, ``keep_mlp
+        [variant, layer]`` (see :func:`.patching.patched_logits`). Returns ``[variant]``."""
+        results = []
+        starts = range(0, keep.shape[0], self.variants_per_pass)
+        for start in tqdm(starts, desc=desc, disable=not self.progress or len(starts) < 4, leave=False):
+            end = start + self.variants_per_pass
+            logits = patched_logits(self.model, self.clean_tokens, self.corrupted_run, keep[start:end],
+                                    None if keep_mlp is None else keep_mlp[start:end], self.gate_bias)
+            results.append(self.metric(logits))
+        return torch.cat(results)
+
+    def edge_candidates(self) -> torch.Tensor:
+        """``[layer, head, q, k]``: causal edges with attention in the clean or corrupted run of some pair."""
+        used = (self.clean_run["A"] > 0).any(0) | (self.corrupted_run["A"] > 0).any(0)
+        return used & causal_mask(self.shape[-1])
+
+    def effects(self) -> PatchingEffects:
+        n_layers, n_heads = self.shape[:2]
+        everything = torch.ones(1, *self.shape)
+        clean = float(self.run(everything)[0])
+        corrupted = float(self.run(torch.zeros(1, *self.shape))[0])
+        heads = torch.ones(n_layers * n_heads, *self.shape)
+        for index in range(n_layers * n_heads):
+            heads[index, index // n_heads, index % n_heads] = 0
+        head_effects = clean - self.run(heads, desc="heads").view(n_layers, n_heads)
+        mlp_keep = 1 - torch.eye(n_layers)
+        mlp_effects = clean - self.run(everything.expand(n_layers, *self.shape), mlp_keep, desc="MLPs")
+        candidates = self.edge_candidates()
+        where = candidates.nonzero()
+        edges = torch.ones(len(where), *self.shape)
+        edges[torch.arange(len(where)), where[:, 0], where[:, 1], where[:, 2], where[:, 3]] = 0
+        edge_effects = torch.zeros(self.shape)
+        if len(where):
+            edge_effects[candidates] = clean - self.run(edges, desc="edges")
+        return PatchingEffects(clean, corrupted, head_effects, mlp_effects, edge_effects, candidates)
+
+    def edge_curve(self, effects: PatchingEffects, ks: list[int]) -> torch.Tensor:
+        """Explained effect keeping the top-``k`` edges by |effect|, for each ``k`` in ``ks``."""
+        order = effects.edge_effects.abs().flatten().argsort(descending=True, stable=True)
+        keep = torch.zeros(len(ks), order.numel())
+        for row, k in enumerate(ks):
+            keep[row, order[:k]] = 1
+        return self._explained(self.run(keep.view(len(ks), *self.shape), desc="edge curve"), effects)
+
+    def head_curve(self, effects: PatchingEffects, ks: list[int]) -> torch.Tensor:
+        """Explained effect keeping the top-``k`` heads by |effect|, for each ``k`` in ``ks``."""
+        n_layers, n_heads = self.shape[:2]
+        order = effects.head_effects.abs().flatten().argsort(descending=True, stable=True)
+        keep = torch.zeros(len(ks), n_layers * n_heads, *self.shape[2:])
+        for row, k in enumerate(ks):
+            keep[row, order[:k]] = 1
+        return self._explained(self.run(keep.view(len(ks), *self.shape), desc="head curve"), effects)
+
+    @staticmethod
+    def _explained(metric: torch.Tensor, effects: PatchingEffects) -> torch.Tensor:
+        return (metric - effects.corrupted) / effects.full_effect
+
+
+def needed_for(ks: list[int], explained: torch.Tensor, level: float = 0.9) -> int | None:
+    """The smallest ``k`` in ``ks`` (ascending) whose explained effect reaches ``level``."""
+    for k, value in zip(ks, explained.tolist()):
+        if value >= level:
+            return k
+    return None

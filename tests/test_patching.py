@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from sparsecirc.circuit_size import Patcher, needed_for
+from sparsecirc.data import AdditionTask
+from sparsecirc.model import build_model
+from sparsecirc.patching import logit_difference, make_pairs, patched_logits, record_attention
+
+
+@pytest.fixture
+def tiny_model_and_pairs(tiny_config, tiny_split):
+    model = build_model(tiny_config)
+    model.eval()
+    return model, make_pairs(tiny_split.task, 12, seed=0)
+
+
+def test_pairs_are_balanced_one_digit_corruptions():
+    task = AdditionTask()
+    pairs = make_pairs(task, 40, seed=3)
+    assert len(pairs) == 40 and sum(pairs.flips_carry) == 20
+    for (a, b), (a2, b2), flips in zip(pairs.clean, pairs.corrupted, pairs.flips_carry):
+        changed = [x != y for x, y in zip(f"{a:02d}{b:02d}", f"{a2:02d}{b2:02d}")]
+        assert sum(changed) == 1
+        assert flips == (task.carries(a, b) != task.carries(a2, b2))
+    assert make_pairs(task, 40, seed=3) == pairs
+    with pytest.raises(ValueError, match="even"):
+        make_pairs(task, 7)
+
+
+def test_logit_difference_by_hand():
+    logits = torch.zeros(1, 3, 13)
+    logits[0, 1, 4], logits[0, 1, 6] = 2.0, -1.0  # slot 1: clean digit 4, corrupted 6
+    logits[0, 2, 8] = 5.0  # slot 2 is the same in both: ignored
+    clean, corrupted = torch.tensor([[0, 4, 8]]), torch.tensor([[0, 6, 8]])
+    assert logit_difference(logits, clean, corrupted).tolist() == [3.0]
+    with pytest.raises(ValueError, match="at least one answer digit"):
+        logit_difference(logits, clean, clean)
+
+
+@pytest.mark.parametrize("gate_bias", [None, 0.5])
+def test_patching_with_itself_changes_nothing_and_everything_gives_the_corrupted_run(tiny_model_and_pairs, gate_bias):
+    model, pairs = tiny_model_and_pairs
+    clean_tokens, corrupted_tokens, _, _ = pairs.tokens()
+    clean_run = record_attention(model, clean_tokens, gate_bias)
+    corrupted_run = record_attention(model, corrupted_tokens, gate_bias)
+    seq = pairs.task.seq_len
+    shape = (1, model.cfg.n_layers, model.cfg.n_heads, seq, seq)
+    mlps = torch.zeros(1, model.cfg.n_layers)
+    with_itself = patched_logits(model, clean_tokens, clean_run, torch.zeros(shape), mlps, gate_bias)
+    assert torch.allclose(with_itself, clean_run["logits"], atol=1e-5)
+    everything = patched_logits(model, clean_tokens, corrupted_run, torch.zeros(shape), mlps, gate_bias)
+    answers = pairs.task.prompt_len
+    assert torch.allclose(everything[:, answers:], corrupted_run["logits"][:, answers:], atol=1e-5)
+    # one head patched changes the answers (the patch does something)
+    one_head = torch.ones(shape)
+    one_head[0, 0, 0] = 0
+    assert not torch.allclose(patched_logits(model, clean_tokens, corrupted_run, one_head, None, gate_bias), clean_run["logits"])
+    with pytest.raises(ValueError, match="keep must be"):
+        patched_logits(model, clean_tokens, corrupted_run, torch.ones(1, 9, 9, seq, seq))
+
+
+def test_explained_effect_is_one_with_everything_kept_and_zero_with_nothing(tiny_model_and_pairs):
+    model, pairs = tiny_model_and_pairs
+    patcher = Patcher(model, pairs, progress=False, batch_limit=50)  # several passes of 4 variants
+    effects = patcher.effects()
+    n_edges = int(effects.edge_candidates.sum())
+    seq = pairs.task.seq_len
+    assert n_edges == model.cfg.n_layers * model.cfg.n_heads * seq * (seq + 1) // 2  # dense: every causal edge
+    assert effects.full_effect != 0
+    edge_curve = patcher.edge_curve(effects, [0, 1, n_edges])
+    assert edge_curve[0].item() == pytest.approx(0.0, abs=1e-5) and edge_curve[-1].item() == pytest.approx(1.0, abs=1e-5)
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    head_curve = patcher.head_curve(effects, list(range(n_heads + 1)))
+    assert head_curve[0].item() == pytest.approx(0.0, abs=1e-5) and head_curve[-1].item() == pytest.approx(1.0, abs=1e-5)
+    assert needed_for(list(range(n_heads + 1)), head_curve, 1.0 - 1e-5) is not None
+    assert needed_for([0, 1], torch.tensor([0.1, 0.2]), 0.9) is None
+
+
+def test_closed_edges_have_no_effect_in_a_sparse_model(tiny_model_and_pairs):
+    model, pairs = tiny_model_and_pairs
+    effects = Patcher(model, pairs, gate_bias=0.0, progress=False).effects()
+    closed = ~effects.edge_candidates
+    assert closed.any() and (effects.edge_effects[closed] == 0).all()
