@@ -75,7 +75,8 @@ def cmd_sparsify(args) -> dict:
     model, base, split = _load_matching(args.base, args.data)
     if base.config.is_sparse:
         raise ValueError(f"{args.base} is already a sparse checkpoint; start from a dense base model")
-    config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, slack=args.slack, seed=args.seed)
+    config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, slack=args.slack,
+                            final_slack=args.final_slack, seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
     out = Path(args.out) if args.out else paths.new_run_dir("cli_sparsify") / f"{sparse_config.name}.pt"
     if out.exists() and not args.force:
@@ -84,7 +85,8 @@ def cmd_sparsify(args) -> dict:
     history = sparsify(model, split, config, progress=not args.json)
     seconds = time.perf_counter() - start
     metrics = evaluation_metrics(model, split, gate_bias=config.gate_bias)
-    metrics.update(steps=config.steps, sparsify_seconds=round(seconds, 1), tau=history[0]["tau"])
+    metrics.update(steps=config.steps, sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
+                   tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"])
     save_checkpoint(out, model, sparse_config, metrics, kind="sparse", overwrite=args.force,
                     extra={"sparsify_config": config.to_dict(), "history": history, "base": str(args.base)})
     return {"checkpoint": str(out), "config": sparse_config.name, **metrics}
@@ -132,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=sparsify_defaults.lr)
     p.add_argument("--steps", type=int, default=sparsify_defaults.steps)
     p.add_argument("--slack", type=float, default=sparsify_defaults.slack, help="tau = base training loss + slack")
+    p.add_argument("--final-slack", type=float, default=sparsify_defaults.final_slack,
+                   help="slack that tau tightens to over the final window")
     p.add_argument("--seed", type=int, default=sparsify_defaults.seed)
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
     p.set_defaults(run=cmd_sparsify)

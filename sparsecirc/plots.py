@@ -82,15 +82,16 @@ def plot_sparsify_history(history: list[dict], title: str = "Sparse attention po
     ax = axes[1, 1]
     ax.plot([row["step"] for row in evals], [row["test_exact_match"] for row in evals], "o-", ms=3, color="tab:green")
     ax.set(title="held-out exact match (deterministic gates)", xlabel="step", ylim=(min(0.9, *[r["test_exact_match"] for r in evals]) - 0.01, 1.005))
-    settle = [row["step"] for row in history if row.get("phase") == "settle"]
+    full_lr = history[0]["lr"]
+    decay = [row["step"] for row in history if row["lr"] < full_lr]
     selected = history[-1].get("selected_step")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-        if settle:
-            ax.axvspan(settle[0], settle[-1], color="tab:gray", alpha=0.15, lw=0)
+        if decay:
+            ax.axvspan(decay[0], decay[-1], color="tab:gray", alpha=0.15, lw=0)
         if selected is not None:
             ax.axvline(selected, color="tab:purple", lw=1, ls=":")
-    fig.suptitle(title + ("  (grey: settle phase; dotted: selected state)" if settle else ""))
+    fig.suptitle(title + ("  (grey: lr decays, tau tightens; dotted: selected state)" if decay else ""))
     fig.tight_layout()
     return fig
 

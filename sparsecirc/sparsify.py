@@ -8,8 +8,8 @@ Objective (method.md section 3)::
 ``lambda`` is a Lagrange multiplier updated, every step, from a moving average of the
 constraint ``CE - tau``: multiplicatively up while the constraint is violated, down while it
 holds. Early on (CE above tau) it protects accuracy; once CE is under target the sparsity
-term takes over. All model weights are fine-tuned; the gates add no parameters. A short final
-settle phase fine-tunes on CE under deterministic gates (see :class:`SparsifyConfig`).
+term takes over. All model weights are fine-tuned; the gates add no parameters. In a final
+window the learning rate decays and tau tightens (see :class:`SparsifyConfig`).
 """
 
 from __future__ import annotations
@@ -31,31 +31,33 @@ from .sparse_attention import sparse_attention
 class SparsifyConfig:
     """Settings of the constrained fine-tuning.
 
-    ``slack`` is added to the base model's training loss to give ``tau``. The last
-    ``settle_steps`` of the ``steps`` fine-tune on CE alone under *deterministic* gates, the way
-    the model is evaluated: the hard gates pass no gradient, so the loss polishes the surviving
-    circuit and removes the jitter that sampled gates leave at the end of the first phase. Every ``eval_every``
-    steps the model is evaluated with deterministic gates on the training split; the run ends
-    with the evaluated state that has the fewest open edges among those whose exact match there
-    is at least ``select_accuracy`` (the held-out split never steers the choice). The multiplier starts
-    at ``multiplier_init``; each step ``log(lambda) += multiplier_lr * clip(ema / tau, -1, 1)``
-    where ``ema`` is the moving average (weight ``constraint_ema`` on the past) of CE - tau.
+    ``tau`` starts at the base model's training loss plus ``slack``. In the last
+    ``decay_fraction`` of the ``steps`` the learning rate falls linearly to ``final_lr_scale``
+    times ``lr`` and tau tightens linearly to the base loss plus ``final_slack``: the circuit
+    stops moving and the multiplier buys back the last errors with as few edges as it can
+    (without this window the run ends jittering at 98-99% exact match). Every ``eval_every``
+    steps (twice as often in the final window) the model is evaluated with deterministic gates on the training split; the run ends
+    in the evaluated state with the fewest open edges among those whose exact match there is at
+    least ``select_accuracy`` (the held-out split never steers the choice). The multiplier
+    starts at ``multiplier_init``; each step ``log(lambda) += multiplier_lr * clip(ema / tau,
+    -1, 1)``, where ``ema`` is the moving average (weight ``constraint_ema`` on the past) of CE - tau.
     """
 
     gate_bias: float = 3.0
     lr: float = 3e-3
     adam_beta2: float = 0.99  # short memory: forget the large gradients of a high-multiplier phase
     batch_size: int = 256
-    steps: int = 1900
+    steps: int = 2000
     slack: float = 0.02
+    decay_fraction: float = 0.2
+    final_lr_scale: float = 0.05
+    final_slack: float = 0.0
     multiplier_init: float = 1e3
     multiplier_lr: float = 0.05
     constraint_ema: float = 0.9
-    multiplier_min: float = 1e-3
-    multiplier_max: float = 1e6
+    multiplier_min: float = 10.0  # a floor: the loss keeps a say, so sparsity cannot run away unopposed
+    multiplier_max: float = 1e4
     eval_every: int = 100
-    settle_steps: int = 200
-    settle_lr: float = 1e-3
     select_accuracy: float = 0.999
     seed: int = 0
 
@@ -64,19 +66,38 @@ class SparsifyConfig:
             raise ValueError(f"select_accuracy must be in [0, 1], got {self.select_accuracy}")
         if not math.isfinite(self.gate_bias):
             raise ValueError(f"gate_bias must be finite, got {self.gate_bias}")
-        if self.lr <= 0 or self.settle_lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1:
-            raise ValueError(f"lr, settle_lr, batch_size, steps and eval_every must be positive: {self}")
-        if not 0 <= self.settle_steps < self.steps:
-            raise ValueError(f"settle_steps must be in 0..steps-1, got {self.settle_steps} of {self.steps}")
+        if self.lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1:
+            raise ValueError(f"lr, batch_size, steps and eval_every must be positive: {self}")
+        if not 0 <= self.decay_fraction <= 1 or not 0 < self.final_lr_scale <= 1:
+            raise ValueError(f"need 0 <= decay_fraction <= 1 and 0 < final_lr_scale <= 1, got "
+                             f"{self.decay_fraction} and {self.final_lr_scale}")
         if not 0 < self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
-        if self.slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr <= 0:
-            raise ValueError(f"need slack >= 0, 0 <= constraint_ema < 1, multiplier_lr > 0: {self}")
+        if self.slack < 0 or self.final_slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr <= 0:
+            raise ValueError(f"need slack, final_slack >= 0, 0 <= constraint_ema < 1, multiplier_lr > 0: {self}")
         if not 0 < self.multiplier_min <= self.multiplier_init <= self.multiplier_max:
             raise ValueError(f"need 0 < multiplier_min <= multiplier_init <= multiplier_max: {self}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def decay_progress(self, step: int) -> float:
+        """0 before the final window, rising linearly to 1 at the last ``step`` (counted from 1)."""
+        window = round(self.decay_fraction * self.steps)
+        if window == 0:
+            return 0.0
+        return min(1.0, max(0.0, (step - (self.steps - window)) / window))
+
+    def evaluates_at(self, step: int) -> bool:
+        """Every ``eval_every`` steps, twice as often in the final window, and at the last step."""
+        every = max(1, self.eval_every // 2) if self.decay_progress(step) > 0 else self.eval_every
+        return step % every == 0 or step == self.steps
+
+    def lr_scale(self, step: int) -> float:
+        return 1.0 - (1.0 - self.final_lr_scale) * self.decay_progress(step)
+
+    def tau(self, base_loss: float, step: int) -> float:
+        return base_loss + self.slack + (self.final_slack - self.slack) * self.decay_progress(step)
 
 
 class LagrangeMultiplier:
@@ -120,59 +141,44 @@ def sparsify_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor,
     return {"ce": ce.item(), "expected_edges": expected.item(), "sampled_edges": sampled.item()}
 
 
-def settle_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor, task, gate_bias: float) -> dict:
-    """One optimiser step on CE alone with deterministic gates. The hard gates pass no gradient,
-    so the loss cannot reopen edges directly; drift of the queries and keys can (measured: a few
-    edges per 100 steps), which is why the settle phase is short and the state is selected."""
-    with sparse_attention(model, "deterministic", gate_bias) as gates:
-        ce = answer_loss(answer_logits(model, tokens, task), targets)
-        open_edges = gates.open_edges.sum(dim=(1, 2)).mean()
-    optimizer.zero_grad(set_to_none=True)
-    ce.backward()
-    optimizer.step()
-    return {"ce": ce.item(), "expected_edges": float("nan"), "sampled_edges": open_edges.item()}
-
-
 def base_loss(model, split: AdditionSplit) -> float:
     """Cross-entropy of the dense model on the training split: the reference for tau."""
     return evaluate(model, split.task, split.train).loss
 
 
 def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfig(), progress: bool = True,
-             tau: float | None = None) -> list[dict]:
+             base: float | None = None) -> list[dict]:
     """Fine-tune ``model`` in place with sampled edge gates under the CE constraint.
 
-    Returns the history: one row per step (``step``, ``ce``, ``tau``, ``multiplier``,
-    ``expected_edges`` and ``sampled_edges`` per input), and on evaluation steps also the
-    deterministic-gate ``train_exact_match``, ``train_edges``, ``test_exact_match``, ``test_loss``
-    and ``test_edges`` (edges: mean per input). The model is left in the selected state (see
-    :class:`SparsifyConfig`); its step is in the last row's ``selected_step``.
+    ``base``: the base model's training loss (default: measured on ``model`` before it changes).
+    Returns the history: one row per step (``step``, ``seconds``, ``lr``, ``ce``, ``tau``,
+    ``multiplier``, ``constraint_ema``, ``expected_edges`` and ``sampled_edges`` per input), and
+    on evaluation steps also the deterministic-gate ``train_exact_match``, ``train_edges``,
+    ``test_exact_match``, ``test_loss`` and ``test_edges`` (edges: mean per input). The model is
+    left in the selected state (see :class:`SparsifyConfig`); its step is the last row's ``selected_step``.
     """
     task = split.task
-    tau = base_loss(model, split) + config.slack if tau is None else tau
+    base = base_loss(model, split) if base is None else base
     tokens, targets = task.batch(list(split.train))
     batch_generator = torch.Generator().manual_seed(config.seed)
     gate_generator = torch.Generator().manual_seed(config.seed + 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2))
-    multiplier = LagrangeMultiplier(tau, config.multiplier_init, config.multiplier_lr, config.constraint_ema,
-                                    config.multiplier_min, config.multiplier_max)
+    multiplier = LagrangeMultiplier(config.tau(base, 1), config.multiplier_init, config.multiplier_lr,
+                                    config.constraint_ema, config.multiplier_min, config.multiplier_max)
     history, start, best = [], time.perf_counter(), None
     model.train()
     bar = tqdm(range(1, config.steps + 1), desc="sparsifying", disable=not progress)
     for step in bar:
         index = torch.randint(len(tokens), (config.batch_size,), generator=batch_generator)
-        lam = multiplier.value
-        if step <= config.steps - config.settle_steps:
-            stats = sparsify_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias, lam, tau,
-                                  gate_generator)
-            multiplier.update(stats["ce"])
-        else:
-            if step == config.steps - config.settle_steps + 1:
-                optimizer = torch.optim.Adam(model.parameters(), lr=config.settle_lr, betas=(0.9, config.adam_beta2))
-            stats = settle_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias)
-        row = {"step": step, "seconds": time.perf_counter() - start, "tau": tau, "multiplier": lam,
-               "constraint_ema": multiplier.constraint_ema, "phase": "sparsify" if step <= config.steps - config.settle_steps else "settle", **stats}
-        if step % config.eval_every == 0 or step == config.steps:
+        lam, multiplier.tau = multiplier.value, config.tau(base, step)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * config.lr_scale(step)
+        stats = sparsify_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias, lam,
+                              multiplier.tau, gate_generator)
+        multiplier.update(stats["ce"])
+        row = {"step": step, "seconds": time.perf_counter() - start, "lr": optimizer.param_groups[0]["lr"],
+               "tau": multiplier.tau, "multiplier": lam, "constraint_ema": multiplier.constraint_ema, **stats}
+        if config.evaluates_at(step):
             on_train = evaluate(model, task, split.train, gate_bias=config.gate_bias)
             on_test = evaluate(model, task, split.test, gate_bias=config.gate_bias)
             row.update(train_exact_match=on_train.exact_match, train_edges=on_train.mean_open_edges,

@@ -17,7 +17,7 @@ def test_plots_draw_from_real_runs(tmp_path, tiny_config, tiny_split):
     patterns = attention_patterns(model, tiny_split.task, "3+4")
     assert patterns.shape == (tiny_config.n_layers, tiny_config.n_heads, 6, 6)
     assert torch.allclose(patterns.sum(-1), torch.ones(tiny_config.n_layers, tiny_config.n_heads, 6))
-    sparse_history = sparsify(model, tiny_split, SparsifyConfig(batch_size=32, steps=30, eval_every=10, settle_steps=10),
+    sparse_history = sparsify(model, tiny_split, SparsifyConfig(batch_size=32, steps=30, eval_every=10),
                               progress=False)
     figures = [plot_training_history(history), plot_attention_patterns(patterns, tiny_split.task, "3+4", "07"),
                plot_sparsify_history(sparse_history), plot_edges_per_layer({"dense": [10.0, 10.0], "sparse": [2.0, 0.0]}),
