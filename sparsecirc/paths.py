@@ -35,6 +35,15 @@ def reference_base_checkpoint_path() -> Path:
     return data_dir() / "reference" / "add_d2_l4_h4_base.pt"
 
 
+def reference_sparse_checkpoint_path() -> Path:
+    return data_dir() / "reference" / "add_d2_l4_h4_sparse.pt"
+
+
+def figures_dir() -> Path:
+    """``figures/``: the pictures notebook 04 draws, tracked so the README can show them."""
+    return repo_root() / "figures"
+
+
 def runs_root() -> Path:
     env = os.environ.get("SPARSECIRC_RUNS")
     return Path(env) if env else repo_root() / "runs"

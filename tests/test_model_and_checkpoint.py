@@ -91,3 +91,18 @@ def test_shipped_reference_checkpoint_loads_and_matches_its_metrics():
     split = load_split(reference_dataset_path())
     result = evaluate(model, split.task, split.test)
     assert result.exact_match == checkpoint.metrics["test"]["exact_match"] >= 0.999
+
+
+def test_shipped_sparse_checkpoint_meets_the_targets_with_its_own_gates():
+    from sparsecirc.data import load_split
+    from sparsecirc.evaluation import evaluate
+    from sparsecirc.paths import reference_dataset_path, reference_sparse_checkpoint_path
+
+    model, checkpoint = load_checkpoint(reference_sparse_checkpoint_path())
+    assert checkpoint.kind == "sparse" and checkpoint.config == ModelConfig().sparse(checkpoint.config.gate_bias)
+    split = load_split(reference_dataset_path())
+    result = evaluate(model, split.task, split.all, gate_bias=checkpoint.config.gate_bias)
+    assert result.exact_match == checkpoint.metrics["all"]["exact_match"] >= 0.999
+    assert result.mean_open_edges == pytest.approx(checkpoint.metrics["all"]["mean_open_edges"]) and result.mean_open_edges <= 12
+    dense = evaluate(model, split.task, split.all)  # without its gates it is another model: say so by failing
+    assert dense.exact_match < result.exact_match
