@@ -118,6 +118,7 @@ def save_figure(fig, folder: str | Path, name: str, overwrite: bool = False) -> 
     if existing and not overwrite:
         raise FileExistsError(f"{existing} already exist; pass overwrite=True to replace them")
     folder.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    with plt.rc_context({"svg.hashsalt": "sparsecirc"}):  # fixed ids and no date: reruns give the same file
+        fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})
     return paths
