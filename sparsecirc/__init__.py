@@ -14,11 +14,18 @@ Modules, one idea each:
     sparsify    the constrained (GECO-style) sparse post-training loop
     paths       data/ (shipped) and runs/ (each run's outputs)
     plots       training curves, attention patterns, edge counts
+    circuit     one input's circuit as a networkx graph; pruning; edge frequencies
+    circuit_plots  Figure-1-style drawings of circuit graphs; saving PNG + SVG
+    patching    clean/corrupted pairs, the metric, batched patching of heads, MLPs, edges
+    circuit_size  effects, explained-effect curves, heads and edges needed
 """
 
+from .circuit import circuit_graph, edge_frequency, frequency_graph, prune_to_answers, restrict_to_digit
+from .circuit_size import Patcher, PatchingEffects, needed_for
 from .checkpoint import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .data import VOCAB, AdditionSplit, AdditionTask, load_split, make_split, save_split
 from .evaluation import Evaluation, answer_logits, answer_loss, evaluate, predict
+from .patching import PatchingPairs, make_pairs
 from .model import ModelConfig, build_model, count_parameters
 from .sparse_attention import Edge, EdgeGates, mask_closing, mask_keeping, sparse_attention
 from .sparsify import LagrangeMultiplier, SparsifyConfig, sparsify
@@ -34,4 +41,6 @@ __all__ = [
     "Evaluation", "evaluate", "predict", "answer_logits", "answer_loss",
     "Edge", "EdgeGates", "sparse_attention", "mask_closing", "mask_keeping",
     "SparsifyConfig", "LagrangeMultiplier", "sparsify",
+    "circuit_graph", "prune_to_answers", "restrict_to_digit", "edge_frequency", "frequency_graph",
+    "PatchingPairs", "make_pairs", "Patcher", "PatchingEffects", "needed_for",
 ]

@@ -21,14 +21,12 @@ then over pairs. It is large and positive on the clean run, negative on the corr
 from __future__ import annotations
 
 import random
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
 from .data import AdditionTask
-from .gates import causal_mask
-from .sparse_attention import Edge, attention_shape, sparse_attention
+from .sparse_attention import sparse_attention
 
 
 @dataclass(frozen=True)
