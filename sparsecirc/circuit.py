@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 
 from .data import VOCAB, AdditionTask
-from .sparse_attention import attention_shape, sparse_attention
+from .sparse_attention import analysis_gates, attention_shape, sparse_attention
 
 
 def level_name(level: int) -> str:
@@ -72,8 +72,7 @@ def circuit_graph(model, task: AdditionTask, problem: str, gate_bias: float | No
     tokens, _ = task.batch([task.parse(problem)])
     was_training = model.training
     model.eval()
-    mode = "dense" if gate_bias is None else "deterministic"
-    with sparse_attention(model, mode, 0.0 if gate_bias is None else gate_bias, edge_mask) as gates:
+    with analysis_gates(model, gate_bias, edge_mask) as gates:
         logits = model(tokens)
     model.train(was_training)
     predicted = "".join(VOCAB[t] for t in logits[0, task.prompt_len:].argmax(-1).tolist())

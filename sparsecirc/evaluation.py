@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import VOCAB, AdditionTask
-from .sparse_attention import sparse_attention
+from .sparse_attention import analysis_gates, sparse_attention
 
 
 def answer_logits(model, tokens: torch.Tensor, task: AdditionTask) -> torch.Tensor:
@@ -59,7 +59,6 @@ def evaluate(model, task: AdditionTask, pairs, batch_size: int = 2500, gate_bias
     """
     pairs = list(pairs)
     gated = gate_bias is not None or edge_mask is not None
-    mode = "deterministic" if gate_bias is not None else "dense"
     was_training = model.training
     model.eval()
     total_loss, correct_digits, correct_exact, failures = 0.0, torch.zeros(task.answer_digits), 0, []
@@ -68,7 +67,7 @@ def evaluate(model, task: AdditionTask, pairs, batch_size: int = 2500, gate_bias
         chunk = pairs[start:start + batch_size]
         tokens, targets = task.batch(chunk)
         if gated:
-            with sparse_attention(model, mode, 0.0 if gate_bias is None else gate_bias, edge_mask) as gates:
+            with analysis_gates(model, gate_bias, edge_mask) as gates:
                 logits = answer_logits(model, tokens, task)
             open_edges.append(gates.open_edges.sum(-1))  # [batch, layer]
         else:

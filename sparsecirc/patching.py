@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import AdditionTask
-from .sparse_attention import sparse_attention
+from .sparse_attention import analysis_gates
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,7 @@ def record_attention(model, tokens: torch.Tensor, gate_bias: float | None = None
     for layer in range(n_layers):
         hooks += [(f"blocks.{layer}.attn.hook_pattern", keep("A", layer)), (f"blocks.{layer}.attn.hook_v", keep("v", layer)),
                   (f"blocks.{layer}.hook_mlp_out", keep("mlp", layer))]
-    mode = "dense" if gate_bias is None else "deterministic"
-    with sparse_attention(model, mode, 0.0 if gate_bias is None else gate_bias):
+    with analysis_gates(model, gate_bias):
         with model.hooks(fwd_hooks=hooks):  # added after the gates: they see the gated pattern
             logits = model(tokens)
     return {kind: torch.stack(values, dim=1) for kind, values in record.items()} | {"logits": logits}
@@ -162,7 +161,6 @@ def patched_logits(model, tokens: torch.Tensor, corrupted: dict, keep: torch.Ten
                   (f"blocks.{layer}.attn.hook_z", mix_z(layer))]
         if keep_mlp is not None:
             hooks.append((f"blocks.{layer}.hook_mlp_out", mix_mlp(layer)))
-    mode = "dense" if gate_bias is None else "deterministic"
-    with sparse_attention(model, mode, 0.0 if gate_bias is None else gate_bias):
+    with analysis_gates(model, gate_bias):
         with model.hooks(fwd_hooks=hooks):
             return model(tokens.repeat(n_variants, 1))

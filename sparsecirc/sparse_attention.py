@@ -202,6 +202,14 @@ def sparse_attention(model, mode: str = "deterministic", bias: float = DEFAULT_B
         yield gates
 
 
+def analysis_gates(model, gate_bias: float | None = None, edge_mask: torch.Tensor | None = None):
+    """The gating a trained model is analysed with: deterministic gates at ``gate_bias`` (a sparse
+    model) or none (``gate_bias=None``, a dense model), with ``edge_mask`` closing edges on top."""
+    if gate_bias is None:
+        return sparse_attention(model, "dense", edge_mask=edge_mask)
+    return sparse_attention(model, "deterministic", gate_bias, edge_mask)
+
+
 def attached_hook_count(model) -> int:
     """Forward and backward hooks attached to any hook point of ``model`` (0 when clean)."""
     return sum(len(point._forward_hooks) + len(point._backward_hooks) for point in model.hook_dict.values())
