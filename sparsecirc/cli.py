@@ -76,7 +76,7 @@ def cmd_sparsify(args) -> dict:
     if base.config.is_sparse:
         raise ValueError(f"{args.base} is already a sparse checkpoint; start from a dense base model")
     config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, slack=args.slack,
-                            final_slack=args.final_slack, seed=args.seed)
+                            final_slack=args.final_slack, weight_decay=args.weight_decay, seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
     out = Path(args.out) if args.out else paths.new_run_dir("cli_sparsify") / f"{sparse_config.name}.pt"
     if out.exists() and not args.force:
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slack", type=float, default=sparsify_defaults.slack, help="tau = base training loss + slack")
     p.add_argument("--final-slack", type=float, default=sparsify_defaults.final_slack,
                    help="slack that tau tightens to over the final window")
+    p.add_argument("--weight-decay", type=float, default=sparsify_defaults.weight_decay,
+                   help="AdamW weight decay: keeps gate logits where the penalty still reaches them")
     p.add_argument("--seed", type=int, default=sparsify_defaults.seed)
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
     p.set_defaults(run=cmd_sparsify)

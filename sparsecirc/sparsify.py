@@ -8,8 +8,9 @@ Objective (method.md section 3)::
 ``lambda`` is a Lagrange multiplier updated, every step, from a moving average of the
 constraint ``CE - tau``: multiplicatively up while the constraint is violated, down while it
 holds. Early on (CE above tau) it protects accuracy; once CE is under target the sparsity
-term takes over. All model weights are fine-tuned; the gates add no parameters. In a final
-window the learning rate decays and tau tightens (see :class:`SparsifyConfig`).
+term takes over. All model weights are fine-tuned (AdamW, with weight decay); the gates add no
+parameters. In a final window the learning rate decays and tau tightens (see
+:class:`SparsifyConfig`).
 """
 
 from __future__ import annotations
@@ -36,16 +37,24 @@ class SparsifyConfig:
     times ``lr`` and tau tightens linearly to the base loss plus ``final_slack``: the circuit
     stops moving and the multiplier buys back the last errors with as few edges as it can
     (without this window the run ends jittering at 98-99% exact match). Every ``eval_every``
-    steps (twice as often in the final window) the model is evaluated with deterministic gates on the training split; the run ends
-    in the evaluated state with the fewest open edges among those whose exact match there is at
-    least ``select_accuracy`` (the held-out split never steers the choice). The multiplier
-    starts at ``multiplier_init``; each step ``log(lambda) += multiplier_lr * clip(ema / tau,
-    -1, 1)``, where ``ema`` is the moving average (weight ``constraint_ema`` on the past) of CE - tau.
+    steps (twice as often in the final window) the model is evaluated with deterministic gates
+    on the training split; the run ends in the evaluated state with the fewest open edges among
+    those whose exact match there is at least ``select_accuracy`` (the held-out split never
+    steers the choice). The multiplier starts at ``multiplier_init``; each step
+    ``log(lambda) += multiplier_lr * clip(ema / tau, -1, 1)``, where ``ema`` is the moving
+    average (weight ``constraint_ema`` on the past) of CE - tau.
+
+    The optimiser is AdamW with ``weight_decay``. Without decay the logits of the gates the
+    model uses grow large (a larger q.k both sharpens the softmax and protects the gate from
+    the sampling noise), where the penalty's gradient sigmoid'(g) is ~0: a second head doing
+    the same job as a first one is then all but impossible to close. Decay keeps q.k moderate,
+    so redundant edges stay within the penalty's reach.
     """
 
     gate_bias: float = 3.0
     lr: float = 3e-3
     adam_beta2: float = 0.99  # short memory: forget the large gradients of a high-multiplier phase
+    weight_decay: float = 0.1
     batch_size: int = 256
     steps: int = 2000
     slack: float = 0.02
@@ -71,6 +80,8 @@ class SparsifyConfig:
         if not 0 <= self.decay_fraction <= 1 or not 0 < self.final_lr_scale <= 1:
             raise ValueError(f"need 0 <= decay_fraction <= 1 and 0 < final_lr_scale <= 1, got "
                              f"{self.decay_fraction} and {self.final_lr_scale}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.slack < 0 or self.final_slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr <= 0:
@@ -162,7 +173,8 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     tokens, targets = task.batch(list(split.train))
     batch_generator = torch.Generator().manual_seed(config.seed)
     gate_generator = torch.Generator().manual_seed(config.seed + 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2),
+                                  weight_decay=config.weight_decay)
     multiplier = LagrangeMultiplier(config.tau(base, 1), config.multiplier_init, config.multiplier_lr,
                                     config.constraint_ema, config.multiplier_min, config.multiplier_max)
     history, start, best = [], time.perf_counter(), None

@@ -1,10 +1,12 @@
 import math
 
 import pytest
+import torch
 
 from sparsecirc.checkpoint import load_checkpoint, save_checkpoint
 from sparsecirc.evaluation import evaluate
 from sparsecirc.model import build_model
+from sparsecirc.sparse_attention import sparse_attention
 from sparsecirc.sparsify import LagrangeMultiplier, SparsifyConfig, sparsify
 from sparsecirc.training import TrainConfig, train
 
@@ -53,6 +55,8 @@ def test_bad_sparsify_configs():
         SparsifyConfig(constraint_ema=1.0)
     with pytest.raises(ValueError, match="decay_fraction"):
         SparsifyConfig(decay_fraction=1.5)
+    with pytest.raises(ValueError, match="weight_decay"):
+        SparsifyConfig(weight_decay=-0.1)
     with pytest.raises(ValueError, match="tau"):
         LagrangeMultiplier(tau=0.0)
 
@@ -104,3 +108,21 @@ def test_sparsify_ends_in_the_sparsest_state_that_meets_the_accuracy_bar(tiny_co
                                  select_accuracy=1.0)
     fresh = build_model(tiny_config)  # untrained: never reaches 100%, so the final state is kept
     assert sparsify(fresh, tiny_split, unreachable, progress=False)[-1]["selected_step"] == 20
+
+
+def test_weight_decay_keeps_the_gate_logits_smaller(tiny_config, tiny_split):
+    """The reason for the decay: without it, logits of useful gates grow without bound, where the
+    penalty's gradient sigmoid'(g) vanishes. Same seed, same steps, with and without decay."""
+    trained = build_model(tiny_config)
+    train(trained, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=200, eval_every=100), progress=False)
+    largest_logit = {}
+    for decay in (0.0, 1.0):
+        model = build_model(tiny_config)
+        model.load_state_dict(trained.state_dict())
+        config = SparsifyConfig(gate_bias=2.0, lr=1e-2, batch_size=64, steps=60, eval_every=60, weight_decay=decay)
+        sparsify(model, tiny_split, config, progress=False)
+        tokens, _ = tiny_split.task.batch(list(tiny_split.all))
+        with torch.no_grad(), sparse_attention(model, "deterministic", config.gate_bias) as gates:
+            model(tokens)
+        largest_logit[decay] = gates.logits[torch.isfinite(gates.logits)].abs().max().item()
+    assert largest_logit[1.0] < largest_logit[0.0], largest_logit
