@@ -101,14 +101,15 @@ def plot_edges_per_layer(per_layer: dict[str, list[float]], title: str = "Open e
     labels = list(per_layer)
     n_layers = len(next(iter(per_layer.values())))
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8.5, 3.5))
     for i, label in enumerate(labels):
         xs = [layer + (i - (len(labels) - 1) / 2) * width for layer in range(n_layers)]
         bars = ax.bar(xs, per_layer[label], width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    tallest = max(max(values) for values in per_layer.values())
     ax.set(xticks=range(n_layers), xticklabels=[f"layer {l}" for l in range(n_layers)], yscale="symlog",
-           ylabel="mean open edges per input", title=title)
-    ax.legend()
+           ylim=(0, 4 * max(tallest, 1.0)), ylabel="mean open edges per input", title=title)  # room for the labels
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
