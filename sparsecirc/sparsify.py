@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import AdditionSplit
 from .evaluation import answer_logits, answer_loss, evaluate
 from .sparse_attention import sparse_attention
+from .training import PROGRESS_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                                     config.constraint_ema, config.multiplier_min, config.multiplier_max)
     history, start, best = [], time.perf_counter(), None
     model.train()
-    bar = tqdm(range(1, config.steps + 1), desc="sparsifying", disable=not progress)
+    bar = tqdm(range(1, config.steps + 1), desc="sparsifying", disable=not progress, mininterval=PROGRESS_INTERVAL)
     for step in bar:
         index = torch.randint(len(tokens), (config.batch_size,), generator=batch_generator)
         lam, multiplier.tau = multiplier.value, config.tau(base, step)

@@ -11,6 +11,12 @@ from tqdm.auto import tqdm
 from .data import AdditionSplit
 from .evaluation import answer_logits, answer_loss, evaluate
 
+# Seconds between progress-bar refreshes. In a notebook every refresh is a widget message; a
+# minutes-long loop at tqdm's default (0.1 s) sends thousands while nbval waits for the cell to
+# finish, and on a slow machine nbval then failed notebook 03 with "Timeout of 5 seconds
+# exceeded waiting for output" (most likely a full message queue dropped the final message).
+PROGRESS_INTERVAL = 2.0
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -54,7 +60,7 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, running, start = [], [], time.perf_counter()
     model.train()
-    bar = tqdm(range(1, config.max_steps + 1), desc="training", disable=not progress)
+    bar = tqdm(range(1, config.max_steps + 1), desc="training", disable=not progress, mininterval=PROGRESS_INTERVAL)
     for step in bar:
         index = torch.randint(len(train_tokens), (config.batch_size,), generator=generator)
         running.append(train_step(model, optimizer, train_tokens[index], train_targets[index], task))
