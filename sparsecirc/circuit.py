@@ -118,23 +118,35 @@ def restrict_to_digit(graph: nx.DiGraph, digit: int) -> nx.DiGraph:
 
 
 @torch.no_grad()
-def edge_frequency(model, task: AdditionTask, pairs, gate_bias: float, batch_size: int = 2500) -> torch.Tensor:
-    """How often each edge is open under deterministic gates over ``pairs``:
-    ``[layer, head, query, key]``, fractions in [0, 1]."""
+def edge_usage(model, task: AdditionTask, pairs, gate_bias: float, batch_size: int = 2500,
+               edge_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How each edge is used under deterministic gates over ``pairs``: ``(frequency, mass)``, both
+    ``[layer, head, query, key]``. ``frequency`` is the fraction of inputs on which the edge is
+    open; ``mass`` the mean attention it carries (softmax weight times gate, 0 where closed).
+    ``edge_mask`` closes edges on top of the gates."""
     pairs = list(pairs)
     if not pairs:
         raise ValueError("need at least one problem to count edges over")
     n_layers, n_heads, n_ctx = attention_shape(model)
     counts = torch.zeros(n_layers, n_heads, task.seq_len, task.seq_len)
+    mass = torch.zeros_like(counts)
     was_training = model.training
     model.eval()
-    for start in range(0, len(pairs), batch_size):
-        tokens, _ = task.batch(pairs[start:start + batch_size])
-        with sparse_attention(model, "deterministic", gate_bias) as gates:
-            model(tokens)
-        counts += gates.masks.sum(0)
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            tokens, _ = task.batch(pairs[start:start + batch_size])
+            with sparse_attention(model, "deterministic", gate_bias, edge_mask) as gates:
+                model(tokens)
+            counts += gates.masks.sum(0)
+            mass += gates.weights.sum(0)
     model.train(was_training)
-    return counts / len(pairs)
+    return counts / len(pairs), mass / len(pairs)
+
+
+def edge_frequency(model, task: AdditionTask, pairs, gate_bias: float, batch_size: int = 2500) -> torch.Tensor:
+    """How often each edge is open under deterministic gates over ``pairs``:
+    ``[layer, head, query, key]``, fractions in [0, 1]."""
+    return edge_usage(model, task, pairs, gate_bias, batch_size)[0]
 
 
 def frequency_graph(frequency: torch.Tensor, task: AdditionTask, min_frequency: float = 0.0) -> nx.DiGraph:

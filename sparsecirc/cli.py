@@ -76,7 +76,8 @@ def cmd_sparsify(args) -> dict:
     if base.config.is_sparse:
         raise ValueError(f"{args.base} is already a sparse checkpoint; start from a dense base model")
     config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, slack=args.slack,
-                            final_slack=args.final_slack, weight_decay=args.weight_decay, seed=args.seed)
+                            final_slack=args.final_slack, weight_decay=args.weight_decay, prune_at=args.prune_at,
+                            seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
     out = Path(args.out) if args.out else paths.new_run_dir("cli_sparsify") / f"{sparse_config.name}.pt"
     if out.exists() and not args.force:
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slack that tau tightens to over the final window")
     p.add_argument("--weight-decay", type=float, default=sparsify_defaults.weight_decay,
                    help="AdamW weight decay: keeps gate logits where the penalty still reaches them")
+    p.add_argument("--prune-at", type=float, default=sparsify_defaults.prune_at,
+                   help="fraction of the steps from which duplicate edges (a second head on the same "
+                        "query and key) are closed for good; 0 turns it off")
     p.add_argument("--seed", type=int, default=sparsify_defaults.seed)
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
     p.set_defaults(run=cmd_sparsify)

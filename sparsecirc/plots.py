@@ -60,7 +60,8 @@ def plot_attention_patterns(patterns: torch.Tensor, task: AdditionTask, problem:
 
 def plot_sparsify_history(history: list[dict], title: str = "Sparse attention post-training"):
     """Four panels against steps: CE and its target tau, the multiplier, open edges per input
-    (log scale), and held-out exact match with deterministic gates."""
+    (log scale, with the steps where duplicate edges were closed), and held-out exact match
+    with deterministic gates."""
     steps = [row["step"] for row in history]
     evals = [row for row in history if "test_edges" in row]
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
@@ -77,6 +78,10 @@ def plot_sparsify_history(history: list[dict], title: str = "Sparse attention po
     ax.plot(steps, [row["expected_edges"] for row in history], lw=1, label="expected (training)")
     ax.plot([row["step"] for row in evals], [row["test_edges"] for row in evals], "o-", ms=3,
             label="open, deterministic gates (held-out)")
+    prunes = [row for row in history if "closed_edges" in row]
+    for i, row in enumerate(prunes):
+        ax.axvline(row["step"], color="tab:orange", lw=0.8, ls="--",
+                   label=f"duplicates closed (in all: {prunes[-1]['closed_edges']} gates)" if i == 0 else None)
     ax.set(yscale="log", title="open edges per input", xlabel="step")
     ax.legend(fontsize=8)
     ax = axes[1, 1]

@@ -18,15 +18,18 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
 
+from .circuit import edge_usage
 from .data import AdditionSplit
 from .evaluation import answer_logits, answer_loss, evaluate
 from .sparse_attention import sparse_attention
 from .training import PROGRESS_INTERVAL
+
+PUSH_TOLERANCE = 0.1  # closed gates: relu(logit + margin), summed per input, may average this much
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,16 @@ class SparsifyConfig:
     the sampling noise), where the penalty's gradient sigmoid'(g) is ~0: a second head doing
     the same job as a first one is then all but impossible to close. Decay keeps q.k moderate,
     so redundant edges stay within the penalty's reach.
+
+    Decay alone still leaves duplicates: two heads of one layer reading the same (query, key),
+    each open on part of the inputs, a second head as insurance against the sampling noise.
+    So from ``prune_at`` (a fraction of the steps) until the final window, after every
+    evaluation, every edge whose (layer, query, key) carries more attention in another head is
+    closed for good (:func:`duplicate_edges`): it is held shut in the forward pass, the kept
+    head learns to do the whole job under the CE constraint, and ``prune_weight *
+    relu(logit + prune_margin)`` per input pushes the closed gate's own logit below
+    ``-prune_margin``, so the model's gates alone keep it shut, with a margin. The selection
+    evaluates the model's own gates, without the mask. ``prune_at=0`` turns this off.
     """
 
     gate_bias: float = 3.0
@@ -57,8 +70,8 @@ class SparsifyConfig:
     adam_beta2: float = 0.99  # short memory: forget the large gradients of a high-multiplier phase
     weight_decay: float = 0.1
     batch_size: int = 256
-    steps: int = 2000
-    slack: float = 0.02
+    steps: int = 2400
+    slack: float = 0.01
     decay_fraction: float = 0.2
     final_lr_scale: float = 0.05
     final_slack: float = 0.0
@@ -69,18 +82,27 @@ class SparsifyConfig:
     multiplier_max: float = 1e4
     eval_every: int = 100
     select_accuracy: float = 0.999
+    prune_at: float = 0.4
+    prune_until: float = 0.6
+    prune_margin: float = 1.0
+    prune_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
         if not 0 <= self.select_accuracy <= 1:
             raise ValueError(f"select_accuracy must be in [0, 1], got {self.select_accuracy}")
-        if not math.isfinite(self.gate_bias):
-            raise ValueError(f"gate_bias must be finite, got {self.gate_bias}")
+        not_finite = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)
+                      and not math.isfinite(getattr(self, f.name))]
+        if not_finite:
+            raise ValueError(f"{', '.join(not_finite)} must be finite numbers: {self}")
         if self.lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1:
             raise ValueError(f"lr, batch_size, steps and eval_every must be positive: {self}")
         if not 0 <= self.decay_fraction <= 1 or not 0 < self.final_lr_scale <= 1:
             raise ValueError(f"need 0 <= decay_fraction <= 1 and 0 < final_lr_scale <= 1, got "
                              f"{self.decay_fraction} and {self.final_lr_scale}")
+        if not 0 <= self.prune_at <= self.prune_until <= 1 or self.prune_margin < 0 or self.prune_weight <= 0:
+            raise ValueError(f"need 0 <= prune_at <= prune_until <= 1, prune_margin >= 0 and prune_weight > 0, got "
+                             f"{self.prune_at}, {self.prune_until}, {self.prune_margin} and {self.prune_weight}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.adam_beta2 < 1:
@@ -92,6 +114,12 @@ class SparsifyConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def prunes_at(self, step: int) -> bool:
+        """Duplicate edges are closed after every evaluation from ``prune_at`` to ``prune_until``
+        (fractions of the steps; ``prune_at=0`` turns it off)."""
+        return (self.prune_at > 0 and self.prune_at * self.steps <= step <= self.prune_until * self.steps
+                and step % self.eval_every == 0)
 
     def decay_progress(self, step: int) -> float:
         """0 before the final window, rising linearly to 1 at the last ``step`` (counted from 1)."""
@@ -138,19 +166,39 @@ class LagrangeMultiplier:
         return self.value
 
 
+def duplicate_edges(mass: torch.Tensor) -> torch.Tensor:
+    """Edges another head already serves: ``mass`` ``[layer, head, query, key]`` (mean attention
+    carried, see :func:`~sparsecirc.circuit.edge_usage`) -> booleans, True on every used edge
+    whose (layer, query, key) carries more attention in another head of the same layer."""
+    heads = torch.arange(mass.shape[1]).view(1, -1, 1, 1)
+    return (mass > 0) & (heads != mass.argmax(dim=1, keepdim=True))
+
+
 def sparsify_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor, task, gate_bias: float,
-                  multiplier: float, tau: float, generator: torch.Generator | None = None) -> dict:
+                  multiplier: float, tau: float, generator: torch.Generator | None = None,
+                  closed: torch.Tensor | None = None, margin: float = 1.0, closed_weight: float = 1.0) -> dict:
     """One optimiser step of the Lagrangian with sampled gates. Returns this batch's ``ce`` and
-    the ``expected_edges`` and ``sampled_edges`` per input (means over the batch)."""
-    with sparse_attention(model, "sample", gate_bias, generator=generator) as gates:
+    the ``expected_edges`` and ``sampled_edges`` per input (means over the batch).
+
+    ``closed``: optional ``[layer, head, query, key]`` booleans, edges held shut in the forward
+    pass whose gate logits are pushed below ``-margin``: ``closed_weight * push`` is added to the
+    loss, where ``push``, ``relu(logit + margin)`` summed per input, is ``closed_push`` in the
+    result (0 once every closed logit is below the margin)."""
+    edge_mask = None if closed is None else (~closed).float()
+    with sparse_attention(model, "sample", gate_bias, edge_mask=edge_mask, generator=generator) as gates:
         ce = answer_loss(answer_logits(model, tokens, task), targets)
         expected = gates.expected_edges.sum(dim=(1, 2)).mean()
         sampled = gates.open_edges.sum(dim=(1, 2)).mean()
-    loss = expected + multiplier * (ce - tau)
+        push = torch.zeros(())
+        if closed is not None:
+            logits = gates._stacked(gates._logits, "gate logits")  # [batch, layer, head, query, key]
+            push = (torch.relu(logits + margin) * closed).sum(dim=(1, 2, 3, 4)).mean()
+    loss = expected + closed_weight * push + multiplier * (ce - tau)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return {"ce": ce.item(), "expected_edges": expected.item(), "sampled_edges": sampled.item()}
+    return {"ce": ce.item(), "expected_edges": expected.item(), "sampled_edges": sampled.item(),
+            "closed_push": push.item()}
 
 
 def base_loss(model, split: AdditionSplit) -> float:
@@ -176,9 +224,14 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     gate_generator = torch.Generator().manual_seed(config.seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2),
                                   weight_decay=config.weight_decay)
+    # a second constraint, closed_push <= PUSH_TOLERANCE, with its own multiplier: the CE gradient
+    # pulls closed logits back up through the weights they share with open ones, so a fixed
+    # weight either loses (closed gates reopen in the model) or, large, wrecks the model
+    push_multiplier = LagrangeMultiplier(PUSH_TOLERANCE, config.prune_weight, config.multiplier_lr, config.constraint_ema,
+                                         config.prune_weight, config.multiplier_max)
     multiplier = LagrangeMultiplier(config.tau(base, 1), config.multiplier_init, config.multiplier_lr,
                                     config.constraint_ema, config.multiplier_min, config.multiplier_max)
-    history, start, best = [], time.perf_counter(), None
+    history, start, best, closed = [], time.perf_counter(), None, None
     model.train()
     bar = tqdm(range(1, config.steps + 1), desc="sparsifying", disable=not progress, mininterval=PROGRESS_INTERVAL)
     for step in bar:
@@ -187,10 +240,19 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
         for group in optimizer.param_groups:
             group["lr"] = config.lr * config.lr_scale(step)
         stats = sparsify_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias, lam,
-                              multiplier.tau, gate_generator)
+                              multiplier.tau, gate_generator, closed, config.prune_margin, push_multiplier.value)
         multiplier.update(stats["ce"])
+        if closed is not None:
+            stats["push_multiplier"] = push_multiplier.value
+            push_multiplier.update(stats["closed_push"])
         row = {"step": step, "seconds": time.perf_counter() - start, "lr": optimizer.param_groups[0]["lr"],
                "tau": multiplier.tau, "multiplier": lam, "constraint_ema": multiplier.constraint_ema, **stats}
+        if config.prunes_at(step):
+            keep = None if closed is None else (~closed).float()
+            _, mass = edge_usage(model, task, split.train, config.gate_bias, edge_mask=keep)
+            closed = duplicate_edges(mass) if closed is None else closed | duplicate_edges(mass)
+            row["closed_edges"] = int(closed.sum())
+            model.train()
         if config.evaluates_at(step):
             on_train = evaluate(model, task, split.train, gate_bias=config.gate_bias)
             on_test = evaluate(model, task, split.test, gate_bias=config.gate_bias)

@@ -7,7 +7,7 @@ from sparsecirc.checkpoint import load_checkpoint, save_checkpoint
 from sparsecirc.evaluation import evaluate
 from sparsecirc.model import build_model
 from sparsecirc.sparse_attention import sparse_attention
-from sparsecirc.sparsify import LagrangeMultiplier, SparsifyConfig, sparsify
+from sparsecirc.sparsify import LagrangeMultiplier, SparsifyConfig, duplicate_edges, sparsify, sparsify_step
 from sparsecirc.training import TrainConfig, train
 
 
@@ -126,3 +126,59 @@ def test_weight_decay_keeps_the_gate_logits_smaller(tiny_config, tiny_split):
             model(tokens)
         largest_logit[decay] = gates.logits[torch.isfinite(gates.logits)].abs().max().item()
     assert largest_logit[1.0] < largest_logit[0.0], largest_logit
+
+
+def test_duplicate_edges_keeps_the_head_that_carries_most_attention():
+    mass = torch.zeros(2, 3, 3, 3)  # [layer, head, query, key]
+    mass[0, 0, 2, 0], mass[0, 1, 2, 0] = 0.6, 0.3  # two heads on one (query, key): head 1 is the duplicate
+    mass[0, 2, 2, 1] = 0.01                        # a single head, however little it carries, stays
+    mass[1, 1, 1, 1], mass[1, 2, 1, 1] = 0.2, 0.5  # layer 1: head 1 is the duplicate
+    mass[1, 0, 2, 2] = 0.4                         # another layer's head on a pair is no duplicate
+    closed = duplicate_edges(mass)
+    assert sorted(map(tuple, closed.nonzero().tolist())) == [(0, 1, 2, 0), (1, 1, 1, 1)]
+    assert not duplicate_edges(torch.zeros(2, 3, 3, 3)).any()
+
+
+def test_held_shut_edges_are_closed_in_the_forward_pass_and_their_logits_pushed_below_the_margin(tiny_config, tiny_split):
+    model = build_model(tiny_config)
+    train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=200, eval_every=100), progress=False)
+    task = tiny_split.task
+    tokens, targets = task.batch(list(tiny_split.all))
+    with torch.no_grad(), sparse_attention(model, "deterministic", 2.0) as gates:
+        model(tokens)
+    always_open = (gates.masks > 0).all(0)  # [layer, head, query, key]
+    closed = torch.zeros_like(always_open)
+    closed[tuple(always_open.nonzero()[0])] = True  # hold one edge that is open on every input shut
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    pushes = []
+    for _ in range(40):
+        stats = sparsify_step(model, optimizer, tokens, targets, task, 2.0, 1.0, 0.05, generator, closed, margin=1.0,
+                              closed_weight=1.0)
+        pushes.append(stats["closed_push"])
+    with torch.no_grad(), sparse_attention(model, "sample", 2.0, edge_mask=(~closed).float(), generator=generator) as gates:
+        model(tokens)
+    assert (gates.masks[:, closed] == 0).all()  # shut in training, whatever the sample
+    assert (gates.logits[:, closed] < -1.0).all(), gates.logits[:, closed].max()  # and below the margin: shut for good
+    assert pushes[-1] == 0.0 < pushes[0]
+
+
+def test_sparsify_closes_duplicates_during_the_run_and_still_selects_a_state_that_meets_the_bar(tiny_config, tiny_split):
+    model = build_model(tiny_config)
+    train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
+    config = SparsifyConfig(gate_bias=2.0, lr=3e-3, batch_size=64, steps=150, eval_every=25, slack=0.05, prune_at=0.3,
+                            prune_until=0.7, select_accuracy=0.9)
+    assert [s for s in range(1, 151) if config.prunes_at(s)] == [50, 75, 100]  # evaluations from step 45 to 105
+    history = sparsify(model, tiny_split, config, progress=False)
+    closed = [row["closed_edges"] for row in history if "closed_edges" in row]
+    assert len(closed) == 3 and closed == sorted(closed)  # the closed set only grows
+    selected = history[-1]["selected_step"]
+    chosen = next(row for row in history if row["step"] == selected)
+    assert chosen["train_exact_match"] >= config.select_accuracy
+    result = evaluate(model, tiny_split.task, tiny_split.train, gate_bias=config.gate_bias)
+    assert result.exact_match >= config.select_accuracy
+    assert not any(SparsifyConfig(prune_at=0.0).prunes_at(s) for s in range(1, 2401))
+    with pytest.raises(ValueError, match="prune_until"):
+        SparsifyConfig(prune_at=0.7, prune_until=0.5)
+    with pytest.raises(ValueError, match="prune_margin"):
+        SparsifyConfig(prune_margin=float("nan"))

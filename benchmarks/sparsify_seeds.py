@@ -1,0 +1,102 @@
+"""Does the sparse post-training recipe land in the same place for every seed and thread count?
+
+Runs the notebook's recipe, ``python -m sparsecirc sparsify --seed S --json`` with every other
+setting at its default, for each seed and each thread count, one process after another (two
+PyTorch processes side by side on a 2-core CPU each run 4-5x slower, which would spoil the
+timings). Each run is scored with deterministic gates on all 10,000 problems by the CLI itself.
+
+Writes ``results.json`` and ``results.md`` (a Markdown table: seed, threads, edges per input
+mean / min / max / per layer, exact match, selected step, seconds) into ``--out`` (default: a
+new folder under ``runs/benchmarks/sparsify_seeds/``) and prints the table. A benchmark, not a
+test: it takes about 35-60 minutes for the default 10 runs.
+
+    python benchmarks/sparsify_seeds.py [--seeds 0 1 2 3 4] [--threads 1 2] [--out DIR]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sparsecirc.paths import new_run_dir
+
+# The bar every run must meet, and the median the recipe must reach (issue 10).
+MIN_EXACT_MATCH, MAX_EDGES, MAX_MEDIAN_EDGES = 0.999, 10.0, 9.0
+
+
+def run_one(seed: int, threads: int, out: Path) -> dict:
+    """One sparsify run in its own process with ``threads`` threads; its CLI metrics plus wall time."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    checkpoint = out / f"sparse_seed{seed}_threads{threads}.pt"
+    command = [sys.executable, "-m", "sparsecirc", "sparsify", "--seed", str(seed), "--out", str(checkpoint),
+               "--force", "--json"]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"seed {seed}, {threads} threads failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    metrics = json.loads(done.stdout)
+    on_all = metrics["all"]
+    return {"seed": seed, "threads": threads, "edges_mean": on_all["mean_open_edges"],
+            "edges_min": on_all["open_edges_min"], "edges_max": on_all["open_edges_max"],
+            "edges_per_layer": on_all["open_edges_per_layer"], "exact_match": on_all["exact_match"],
+            "n_failures": on_all["n_failures"], "held_out_exact_match": metrics["test"]["exact_match"],
+            "selected_step": metrics["selected_step"], "sparsify_seconds": metrics["sparsify_seconds"],
+            "wall_seconds": round(wall, 1), "checkpoint": str(checkpoint)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    edges = [row["edges_mean"] for row in rows]
+    return {"runs": len(rows), "median_edges": statistics.median(edges), "max_edges": max(edges),
+            "min_exact_match": min(row["exact_match"] for row in rows),
+            "max_wall_seconds_2_threads": max((row["wall_seconds"] for row in rows if row["threads"] == 2), default=None),
+            "every_run_meets_the_bar": all(row["exact_match"] >= MIN_EXACT_MATCH and row["edges_mean"] <= MAX_EDGES
+                                           for row in rows),
+            "median_meets_the_target": statistics.median(edges) <= MAX_MEDIAN_EDGES}
+
+
+def markdown_table(rows: list[dict], summary: dict) -> str:
+    lines = ["| seed | threads | edges per input | min | max | per layer | exact match (all 10,000) | selected step | s (fine-tuning / wall) |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for row in rows:
+        per_layer = " / ".join(f"{x:.2f}" for x in row["edges_per_layer"])
+        lines.append(f"| {row['seed']} | {row['threads']} | {row['edges_mean']:.2f} | {row['edges_min']:.0f} | "
+                     f"{row['edges_max']:.0f} | {per_layer} | {row['exact_match']:.2%} | {row['selected_step']} | "
+                     f"{row['sparsify_seconds']:.0f} / {row['wall_seconds']:.0f} |")
+    lines += ["", f"Median {summary['median_edges']:.2f} edges per input (target <= {MAX_MEDIAN_EDGES:g}); "
+                  f"largest {summary['max_edges']:.2f} (bar <= {MAX_EDGES:g}); lowest exact match "
+                  f"{summary['min_exact_match']:.2%} (bar >= {MIN_EXACT_MATCH:.1%})."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path, help="folder for the results and checkpoints (default: a new one under runs/)")
+    args = parser.parse_args()
+    if any(t < 1 for t in args.threads):
+        parser.error(f"--threads must be positive, got {args.threads}")
+    out = args.out or new_run_dir("benchmarks/sparsify_seeds")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        for threads in args.threads:
+            rows.append(run_one(seed, threads, out))
+            print(f"seed {seed}, {threads} threads: {rows[-1]['edges_mean']:.2f} edges per input, "
+                  f"exact match {rows[-1]['exact_match']:.2%}, {rows[-1]['wall_seconds']:.0f} s", flush=True)
+            (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summarise(rows)}, indent=2))
+    summary = summarise(rows)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    table = markdown_table(rows, summary)
+    (out / "results.md").write_text(table)
+    print(table)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
