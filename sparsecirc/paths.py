@@ -2,6 +2,8 @@
 
 Notebooks and the CLI never write over ``data/``; each notebook run writes into a new
 time-stamped folder under ``runs/`` (or under ``$SPARSECIRC_RUNS`` if set, as the tests do).
+Notebook 04 draws the README's figures into ``figures/`` (or ``$SPARSECIRC_FIGURES`` if set:
+the tests send them to their own throwaway folder, so a test run changes no tracked file).
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ def reference_sparse_checkpoint_path() -> Path:
 
 
 def figures_dir() -> Path:
-    """``figures/``: the pictures notebook 04 draws, tracked so the README can show them."""
-    return repo_root() / "figures"
+    """``figures/``: the pictures notebook 04 draws, tracked so the README can show them
+    (``$SPARSECIRC_FIGURES`` instead, if set)."""
+    env = os.environ.get("SPARSECIRC_FIGURES")
+    return Path(env) if env else repo_root() / "figures"
 
 
 def runs_root() -> Path:
