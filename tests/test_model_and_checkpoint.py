@@ -104,6 +104,6 @@ def test_shipped_sparse_checkpoint_meets_the_targets_with_its_own_gates():
     result = evaluate(model, split.task, split.all, gate_bias=checkpoint.config.gate_bias)
     assert result.exact_match == checkpoint.metrics["all"]["exact_match"] >= 0.999
     assert result.mean_open_edges == pytest.approx(checkpoint.metrics["all"]["mean_open_edges"])
-    assert result.mean_open_edges <= 12  # the target for this model (issue 3)
+    assert result.mean_open_edges <= 10  # the bar every run of the recipe must meet (issue 10)
     dense = evaluate(model, split.task, split.all)  # without its gates it is another model: say so by failing
     assert dense.exact_match < result.exact_match
