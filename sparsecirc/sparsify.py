@@ -56,13 +56,14 @@ class SparsifyConfig:
 
     Decay alone still leaves duplicates: two heads of one layer reading the same (query, key),
     each open on part of the inputs, a second head as insurance against the sampling noise.
-    So from ``prune_at`` (a fraction of the steps) until the final window, after every
-    evaluation, every edge whose (layer, query, key) carries more attention in another head is
-    closed for good (:func:`duplicate_edges`): it is held shut in the forward pass, the kept
-    head learns to do the whole job under the CE constraint, and ``prune_weight *
-    relu(logit + prune_margin)`` per input pushes the closed gate's own logit below
-    ``-prune_margin``, so the model's gates alone keep it shut, with a margin. The selection
-    evaluates the model's own gates, without the mask. ``prune_at=0`` turns this off.
+    So from ``prune_at`` to ``prune_until`` (fractions of the steps), after every evaluation,
+    every edge whose (layer, query, key) carries more attention in another head is closed for
+    good (:func:`duplicate_edges`): it is held shut in the forward pass, the kept head learns to
+    do the whole job under the CE constraint, and ``relu(logit + prune_margin)`` per input,
+    weighted by a second multiplier (from ``prune_weight`` up, while closed logits stay above
+    ``-prune_margin``), pushes the closed gate's own logit below the margin, so the model's
+    gates alone keep it shut. The selection evaluates the model's own gates, without the mask.
+    ``prune_at=0`` turns this off.
     """
 
     gate_bias: float = 3.0
