@@ -40,7 +40,7 @@ class SparsifyConfig:
     ``decay_fraction`` of the ``steps`` the learning rate falls linearly to ``final_lr_scale``
     times ``lr`` and tau tightens linearly to the base loss plus ``final_slack``: the circuit
     stops moving and the multiplier buys back the last errors with as few edges as it can
-    (without this window the run ends jittering at 98-99% exact match). Every ``eval_every``
+    (without this window the run ends jittering at 97-99% exact match). Every ``eval_every``
     steps (twice as often in the final window) the model is evaluated with deterministic gates
     on the training split; the run ends in the evaluated state with the fewest open edges among
     those whose exact match there is at least ``select_accuracy`` (the held-out split never
