@@ -75,8 +75,8 @@ def cmd_sparsify(args) -> dict:
     model, base, split = _load_matching(args.base, args.data)
     if base.config.is_sparse:
         raise ValueError(f"{args.base} is already a sparse checkpoint; start from a dense base model")
-    config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, slack=args.slack,
-                            final_slack=args.final_slack, weight_decay=args.weight_decay, prune_at=args.prune_at,
+    config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps,
+                            early_slack=args.early_slack, slack=args.slack, final_slack=args.final_slack, weight_decay=args.weight_decay, prune_at=args.prune_at,
                             seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
     out = Path(args.out) if args.out else paths.new_run_dir("cli_sparsify") / f"{sparse_config.name}.pt"
@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-bias", type=float, default=sparsify_defaults.gate_bias)
     p.add_argument("--lr", type=float, default=sparsify_defaults.lr)
     p.add_argument("--steps", type=int, default=sparsify_defaults.steps)
-    p.add_argument("--slack", type=float, default=sparsify_defaults.slack, help="tau = base training loss + slack")
+    p.add_argument("--early-slack", type=float, default=sparsify_defaults.early_slack,
+                   help="tau = base training loss + early slack until --prune-at")
+    p.add_argument("--slack", type=float, default=sparsify_defaults.slack,
+                   help="tau = base training loss + slack from --prune-at on")
     p.add_argument("--final-slack", type=float, default=sparsify_defaults.final_slack,
                    help="slack that tau tightens to over the final window")
     p.add_argument("--weight-decay", type=float, default=sparsify_defaults.weight_decay,

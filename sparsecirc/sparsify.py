@@ -36,7 +36,10 @@ PUSH_TOLERANCE = 0.1  # closed gates: relu(logit + margin), summed per input, ma
 class SparsifyConfig:
     """Settings of the constrained fine-tuning.
 
-    ``tau`` starts at the base model's training loss plus ``slack``. In the last
+    ``tau`` is the base model's training loss plus ``early_slack`` until the first pruning pass
+    (``prune_at``), then plus ``slack``: the looser start lets the search close more edges while
+    the circuit is still forming, and the pruning pass then buys the accuracy back with the
+    edges that remain. In the last
     ``decay_fraction`` of the ``steps`` the learning rate falls linearly to ``final_lr_scale``
     times ``lr`` and tau tightens linearly to the base loss plus ``final_slack``: the circuit
     stops moving and the multiplier buys back the last errors with as few edges as it can
@@ -72,6 +75,7 @@ class SparsifyConfig:
     weight_decay: float = 0.1
     batch_size: int = 256
     steps: int = 2400
+    early_slack: float = 0.02
     slack: float = 0.01
     decay_fraction: float = 0.2
     final_lr_scale: float = 0.05
@@ -108,8 +112,8 @@ class SparsifyConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
-        if self.slack < 0 or self.final_slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr <= 0:
-            raise ValueError(f"need slack, final_slack >= 0, 0 <= constraint_ema < 1, multiplier_lr > 0: {self}")
+        if self.early_slack < 0 or self.slack < 0 or self.final_slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr <= 0:
+            raise ValueError(f"need early_slack, slack, final_slack >= 0, 0 <= constraint_ema < 1, multiplier_lr > 0: {self}")
         if not 0 < self.multiplier_min <= self.multiplier_init <= self.multiplier_max:
             raise ValueError(f"need 0 < multiplier_min <= multiplier_init <= multiplier_max: {self}")
 
@@ -138,6 +142,10 @@ class SparsifyConfig:
         return 1.0 - (1.0 - self.final_lr_scale) * self.decay_progress(step)
 
     def tau(self, base_loss: float, step: int) -> float:
+        """``base_loss`` plus ``early_slack`` before ``prune_at``, ``slack`` after it, tightening
+        to ``final_slack`` over the final window (``step`` counted from 1)."""
+        if self.prune_at > 0 and step < self.prune_at * self.steps:
+            return base_loss + self.early_slack
         return base_loss + self.slack + (self.final_slack - self.slack) * self.decay_progress(step)
 
 

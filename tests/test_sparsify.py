@@ -69,6 +69,19 @@ def test_final_window_decays_the_learning_rate_and_tightens_tau():
     assert SparsifyConfig(steps=100, decay_fraction=0.0).decay_progress(100) == 0.0
 
 
+def test_tau_is_looser_until_the_first_pruning_pass_then_only_tightens():
+    config = SparsifyConfig(steps=100, prune_at=0.4, early_slack=0.03, slack=0.01, final_slack=0.0, decay_fraction=0.2)
+    taus = [config.tau(0.05, s) for s in range(1, 101)]
+    assert math.isclose(taus[0], 0.08) and math.isclose(taus[38], 0.08)  # steps 1 and 39
+    assert math.isclose(taus[39], 0.06)  # step 40 = prune_at * steps
+    assert all(later <= earlier for earlier, later in zip(taus, taus[1:]))
+    assert math.isclose(taus[-1], 0.05)
+    # without pruning there is no early phase
+    assert math.isclose(SparsifyConfig(steps=100, prune_at=0.0, early_slack=0.03, slack=0.01).tau(0.05, 1), 0.06)
+    with pytest.raises(ValueError, match="early_slack"):
+        SparsifyConfig(early_slack=-0.01)
+
+
 def test_tiny_sparsify_closes_edges_logs_every_step_and_round_trips(tmp_path, tiny_config, tiny_split):
     model = build_model(tiny_config)
     train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
