@@ -75,9 +75,9 @@ def cmd_sparsify(args) -> dict:
     model, base, split = _load_matching(args.base, args.data)
     if base.config.is_sparse:
         raise ValueError(f"{args.base} is already a sparse checkpoint; start from a dense base model")
-    config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps,
-                            early_slack=args.early_slack, slack=args.slack, final_slack=args.final_slack, weight_decay=args.weight_decay, prune_at=args.prune_at,
-                            seed=args.seed)
+    config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, early_slack=args.early_slack,
+                            slack=args.slack, final_slack=args.final_slack, weight_decay=args.weight_decay,
+                            prune_at=args.prune_at, seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
     out = Path(args.out) if args.out else paths.new_run_dir("cli_sparsify") / f"{sparse_config.name}.pt"
     if out.exists() and not args.force:
