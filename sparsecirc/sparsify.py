@@ -47,7 +47,9 @@ class SparsifyConfig:
     steps (twice as often in the final window) the model is evaluated with deterministic gates
     on the training split; the run ends in the evaluated state with the fewest open edges among
     those whose exact match there is at least ``select_accuracy`` (the held-out split never
-    steers the choice). The multiplier starts at ``multiplier_init``; each step
+    steers the choice). The default, 99.95% (at most 4 of 9,000 training problems wrong), sits
+    above the 99.9% bar every run must meet on all problems: a state chosen at exactly 99.9%
+    on the training split was 99.89% on all 10,000 once the held-out problems were counted. The multiplier starts at ``multiplier_init``; each step
     ``log(lambda) += multiplier_lr * clip(ema / tau, -1, 1)``, where ``ema`` is the moving
     average (weight ``constraint_ema`` on the past) of CE - tau.
 
@@ -86,7 +88,7 @@ class SparsifyConfig:
     multiplier_min: float = 10.0  # a floor: the loss keeps a say, so sparsity cannot run away unopposed
     multiplier_max: float = 1e4
     eval_every: int = 100
-    select_accuracy: float = 0.999
+    select_accuracy: float = 0.9995
     prune_at: float = 0.4
     prune_until: float = 0.6
     prune_margin: float = 1.0
