@@ -9,6 +9,7 @@ from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
 from .data import VOCAB, AdditionTask
+from .sparse_attention import set_gate_bias
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def build_model(config: ModelConfig = ModelConfig()) -> TransformerBridge:
     """A freshly initialised TL-native ``TransformerBridge`` for ``config`` (CPU, float32).
 
     Input ``[batch, seq_len]`` token ids; output logits ``[batch, seq_len, d_vocab=13]``.
-    The same ``config.seed`` gives the same weights without touching the global RNG.
+    The same ``config.seed`` gives the same weights without touching the global RNG. A sparse
+    config (``gate_bias`` set) gives a sparse model: every forward pass runs with its gates.
     """
     bridge_config = TransformerBridgeConfig(
         n_layers=config.n_layers,
@@ -96,7 +98,9 @@ def build_model(config: ModelConfig = ModelConfig()) -> TransformerBridge:
         normalization_type="LN",
         seed=config.seed,
     )
-    return TransformerBridge.boot_native(bridge_config)
+    model = TransformerBridge.boot_native(bridge_config)
+    set_gate_bias(model, config.gate_bias)
+    return model
 
 
 def count_parameters(model) -> int:

@@ -89,7 +89,7 @@ def test_circuit_plots_run_headless_and_save_without_overwriting(tmp_path, tiny_
     graphs = {"dense": circuit_graph(model, task, "3+4"), "gated": circuit_graph(model, task, "3+4", gate_bias=0.0)}
     figures = {"weights": plot_circuits(graphs, position_labels=task.position_labels),
                "heads": plot_circuits(graphs, color_by="head"),
-               "frequency": plot_edge_frequency(edge_frequency(model, task, tiny_split.all, 0.0), task.position_labels)}
+               "frequency": plot_edge_frequency(edge_frequency(model, task, tiny_split.all, gate_bias=0.0), task.position_labels)}
     for name, fig in figures.items():
         paths = save_figure(fig, tmp_path / "figures", name)
         assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
