@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import AdditionSplit
-from .evaluation import answer_logits, answer_loss, evaluate
+from .evaluation import answer_logits, answer_loss, check_task, evaluate
+from .sparse_attention import gate_bias_of
 
 # Seconds between progress-bar refreshes. In a notebook every refresh is a widget message; a
 # minutes-long loop at tqdm's default (0.1 s) sends thousands while nbval waits for the cell to
@@ -32,6 +34,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for f in fields(self):
+            value, kind = getattr(self, f.name), (float, int) if f.type == "float" else int
+            if isinstance(value, bool) or not isinstance(value, kind) or (kind is not int and not math.isfinite(value)):
+                raise ValueError(f"{f.name} must be a finite {f.type}, got {value!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.lr <= 0 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
             raise ValueError(f"lr, batch_size, max_steps and eval_every must be positive: {self}")
         if not 0 < self.target_accuracy <= 1:
@@ -55,6 +63,9 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
     evaluation with ``step``, ``seconds``, ``train_loss`` (running mean since the last
     evaluation), and train/test ``loss`` and ``exact_match``."""
     task = split.task
+    check_task(model, task)
+    if gate_bias_of(model) is not None:
+        raise ValueError(f"this is a sparse model (gate_bias {gate_bias_of(model)}); train trains dense base models")
     train_tokens, train_targets = task.batch(list(split.train))
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
