@@ -80,8 +80,9 @@ def save_checkpoint(path, model, config: ModelConfig, metrics: dict | None = Non
         raise ValueError(f"{path} is a directory; give a file path such as {path / (config.name + '.pt')}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path")
-    if kind not in ("base", "sparse"):
-        raise ValueError(f"kind must be 'base' or 'sparse', got {kind!r}")
+    if kind != ("sparse" if config.is_sparse else "base"):
+        raise ValueError(f"kind must be 'sparse' for a sparse config and 'base' for a dense one; got {kind!r} for "
+                         f"{config.name}")
     for name, value in (("metrics", metrics), ("extra", extra)):
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
@@ -134,8 +135,11 @@ def read_checkpoint(path) -> Checkpoint:
         raise ValueError(f"{path}: config and state_dict must be dicts")
     try:
         config = ModelConfig.from_dict(record["config"])
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: the config cannot be read: {err}") from None
+    kind = record.get("kind", "base")
+    if kind != ("sparse" if config.is_sparse else "base"):
+        raise ValueError(f"{path}: kind {kind!r} does not match its config {config.name}")
     if record["config_digest"] != config_digest(config):
         raise ValueError(f"{path}: the config does not match the one the weights were saved with "
                          f"(edited after saving?); refusing to load weights under another config")
@@ -159,9 +163,10 @@ def check_weights(state_dict: dict, config: ModelConfig, source: str = "state di
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source} does not match config {config.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(state_dict[k].shape)]
+    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(state_dict[k].shape)
+             or expected[k].dtype != state_dict[k].dtype]
     if wrong:
-        raise ValueError(f"{source}: weight shapes differ from config {config.name} for {wrong[:5]}")
+        raise ValueError(f"{source}: weight shapes or dtypes differ from config {config.name} for {wrong[:5]}")
     not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if not_finite:
         raise ValueError(f"{source}: weights {not_finite[:5]} hold NaN or infinite values")

@@ -124,9 +124,7 @@ def edge_usage(model, task: AdditionTask, pairs, *, gate_bias: float | None = No
     (softmax weight times gate, 0 where closed). ``edge_mask`` closes edges on top of the gates.
     A dense model without ``gate_bias`` has every causal edge open on every input."""
     check_task(model, task)
-    pairs = list(pairs)
-    if not pairs:
-        raise ValueError("need at least one problem to count edges over")
+    pairs = task.check_pairs(pairs)
     n_layers, n_heads, _ = attention_shape(model)
     counts = torch.zeros(n_layers, n_heads, task.seq_len, task.seq_len)
     mass = torch.zeros_like(counts)

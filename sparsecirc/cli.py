@@ -38,10 +38,20 @@ def _print(result: dict, as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
+def check_parent_folder(path: Path) -> None:
+    """Raise ``ValueError`` if a folder on the way to ``path`` exists as a file."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+            return
+
+
 def _output_path(out, default_name: str, kind: str, force: bool) -> Path:
     """Where a command writes its checkpoint, checked before any work: not a directory, and not
     an existing file unless ``force``."""
     out = Path(out) if out else paths.new_run_dir(kind) / default_name
+    check_parent_folder(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file path such as {out / default_name}")
     if out.exists() and not force:
@@ -50,6 +60,7 @@ def _output_path(out, default_name: str, kind: str, force: bool) -> Path:
 
 
 def cmd_data(args) -> dict:
+    check_parent_folder(Path(args.out))
     task = AdditionTask(args.operand_digits, args.answer_digits)
     split = make_split(task, args.test_size, args.seed)
     out = save_split(split, args.out)
@@ -180,7 +191,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: FileExistsError, FileNotFoundError, PermissionError, ...
         print(f"error: {err}", file=sys.stderr)
         return 2
     _print(result, args.json)

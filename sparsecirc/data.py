@@ -40,9 +40,9 @@ class AdditionTask:
     answer_digits: int = 5
 
     def __post_init__(self):
-        if not isinstance(self.operand_digits, int) or self.operand_digits < 1:
+        if isinstance(self.operand_digits, bool) or not isinstance(self.operand_digits, int) or self.operand_digits < 1:
             raise ValueError(f"operand_digits must be a positive int, got {self.operand_digits!r}")
-        if not isinstance(self.answer_digits, int) or self.answer_digits < 1:
+        if isinstance(self.answer_digits, bool) or not isinstance(self.answer_digits, int) or self.answer_digits < 1:
             raise ValueError(f"answer_digits must be a positive int, got {self.answer_digits!r}")
         largest_sum = 2 * (10**self.operand_digits - 1)
         if len(str(largest_sum)) > self.answer_digits:
@@ -116,6 +116,20 @@ class AdditionTask:
                 raise ValueError(
                     f"operand {x!r} is outside 0..{self.max_operand} for this task ({self.name})"
                 )
+
+    def check_pairs(self, pairs) -> list[tuple[int, int]]:
+        """``pairs`` as a non-empty list of ``(a, b)`` operand pairs of this task, checked."""
+        if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+            raise ValueError(f"problems must be a list of (a, b) pairs, got {type(pairs).__name__}; "
+                             f"use task.parse('36+28') for one problem string")
+        pairs = list(pairs)
+        if not pairs:
+            raise ValueError("need at least one problem, got an empty list")
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"problems must be (a, b) pairs, got {pair!r}")
+            self.check_operands(*pair)
+        return [tuple(pair) for pair in pairs]
 
     def answer(self, a: int, b: int) -> str:
         """The answer digits as text: ``answer(36, 28) == '00064'``."""

@@ -8,14 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from .data import VOCAB, AdditionTask
-from .sparse_attention import analysis_run, batch_slices
+from .model import task_of
+from .sparse_attention import analysis_run, batch_slices, check_attention_hooks
 
 
 def check_task(model, task: AdditionTask) -> None:
     """Raise ``ValueError`` unless ``task`` is an :class:`AdditionTask` that fits ``model``
     (its sequence length is the model's context, its vocabulary the model's)."""
+    check_attention_hooks(model)
     if not isinstance(task, AdditionTask):
         raise ValueError(f"task must be an AdditionTask, got {type(task).__name__}")
+    built_for = task_of(model)
+    if built_for is not None and built_for != task:
+        raise ValueError(f"{task.name} does not fit this model: it was built for {built_for.name}")
     n_ctx, d_vocab = model.cfg.n_ctx, model.cfg.d_vocab
     if task.seq_len != n_ctx or d_vocab != len(VOCAB):
         raise ValueError(f"{task.name} (sequence length {task.seq_len}) does not fit this model "
@@ -24,8 +29,11 @@ def check_task(model, task: AdditionTask) -> None:
 
 def answer_logits(model, tokens: torch.Tensor, task: AdditionTask) -> torch.Tensor:
     """Logits at the answer slots: tokens ``[batch, seq_len]`` -> ``[batch, answer_digits, d_vocab]``."""
-    if tokens.ndim != 2 or tokens.shape[1] != task.seq_len:
-        raise ValueError(f"tokens must have shape [batch, {task.seq_len}] for {task.name}, got {list(tokens.shape)}")
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[1] != task.seq_len:
+        raise ValueError(f"tokens must be a tensor of shape [batch, {task.seq_len}] for {task.name}, got "
+                         f"{list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    if tokens.dtype != torch.long or (tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < len(VOCAB))):
+        raise ValueError(f"tokens must be long ids in 0..{len(VOCAB) - 1}, got {tokens.dtype}")
     return model(tokens)[:, task.prompt_len:, :]
 
 
@@ -70,9 +78,7 @@ def evaluate(model, task: AdditionTask, pairs, *, gate_bias: float | None = None
     (ablations). With gates, the result counts the open edges of every input.
     """
     check_task(model, task)
-    pairs = list(pairs)
-    if not pairs:
-        raise ValueError("need at least one problem to evaluate on")
+    pairs = task.check_pairs(pairs)
     slices = batch_slices(len(pairs), batch_size)
     total_loss, correct_digits, correct_exact, failures = 0.0, torch.zeros(task.answer_digits), 0, []
     open_edges = []

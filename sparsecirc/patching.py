@@ -128,8 +128,13 @@ def patched_logits(model, tokens: torch.Tensor, corrupted: dict, keep: torch.Ten
     """
     n_variants, n_pairs = keep.shape[0], tokens.shape[0]
     n_layers = model.cfg.n_layers
-    if keep.shape[1:] != (n_layers, model.cfg.n_heads, tokens.shape[1], tokens.shape[1]):
+    if keep.ndim != 5 or keep.shape[1:] != (n_layers, model.cfg.n_heads, tokens.shape[1], tokens.shape[1]):
         raise ValueError(f"keep must be [variant, layer, head, query, key] for this model, got {list(keep.shape)}")
+    if keep_mlp is not None and tuple(keep_mlp.shape) != (n_variants, n_layers):
+        raise ValueError(f"keep_mlp must be [variant, layer] = {[n_variants, n_layers]}, got {list(keep_mlp.shape)}")
+    for name, mask in (("keep", keep), ("keep_mlp", keep_mlp)):
+        if mask is not None and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"{name} must hold only 0 (patch in the corrupted value) and 1 (keep the run's own)")
     keep = keep.float().repeat_interleave(n_pairs, dim=0)  # [variant * pair, layer, head, q, k]
     keep_mlp = None if keep_mlp is None else keep_mlp.float().repeat_interleave(n_pairs, dim=0)
     tile = lambda t: t.repeat(n_variants, *[1] * (t.ndim - 1))  # noqa: E731  (pairs -> variants x pairs)

@@ -25,8 +25,10 @@ name). Any mode takes a fixed ``edge_mask`` of 0s and 1s on top, built with
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -93,6 +95,10 @@ def _edge_mask(model, edges, background: float) -> torch.Tensor:
     n_layers, n_heads, n_ctx = attention_shape(model)
     mask = torch.full((n_layers, n_heads, n_ctx, n_ctx), background)
     for edge in edges:
+        if not isinstance(edge, Edge):
+            if not isinstance(edge, (tuple, list)) or len(edge) != 4:
+                raise ValueError(f"edges must be Edge(layer, head, query, key) or 4-tuples, got {edge!r}")
+            edge = Edge(*edge)
         check_edge(model, edge)
         mask[edge.layer, edge.head, edge.query, edge.key] = 1.0 - background
     return mask
@@ -114,9 +120,9 @@ class EdgeGates:
     every :func:`sparse_attention` block."""
 
     def __init__(self, mode: str, gate_bias: float | None, n_layers: int, n_heads: int,
-                 edge_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
+                 edge_mask: torch.Tensor | None = None, generator: torch.Generator | None = None, record: bool = True):
         self.mode, self.gate_bias, self.n_layers, self.n_heads = mode, gate_bias, n_layers, n_heads
-        self.edge_mask, self.generator = edge_mask, generator
+        self.edge_mask, self.generator, self.record = edge_mask, generator, record
         self._q: list[torch.Tensor | None] = [None] * n_layers
         self._k: list[torch.Tensor | None] = [None] * n_layers
         self._logits: list[torch.Tensor | None] = [None] * n_layers
@@ -130,13 +136,15 @@ class EdgeGates:
             mask = causal_mask(n_pos, pattern.device).to(pattern.dtype).expand_as(pattern)
         else:
             logits = gate_logits(self._q[layer], self._k[layer], self.gate_bias)
-            self._logits[layer] = logits
             mask = sample_gates(logits, self.generator) if self.mode == "sample" else deterministic_gates(logits)
         if self.edge_mask is not None:
             mask = mask * self.edge_mask[..., layer, :, :n_pos, :n_pos].to(pattern.dtype)
-        self._masks[layer] = mask * causal_mask(n_pos, pattern.device)  # recorded gates: causal pairs only
-        self._patterns[layer] = pattern.detach()
         self._q[layer] = self._k[layer] = None
+        if self.record:  # a model's own gates record nothing: no tensors (or graphs) outlive the pass
+            if self.mode != "dense":
+                self._logits[layer] = logits
+            self._masks[layer] = mask * causal_mask(n_pos, pattern.device)  # recorded gates: causal pairs only
+            self._patterns[layer] = pattern.detach()
         return pattern * mask
 
     def _stacked(self, items, what):
@@ -194,21 +202,42 @@ class _ModelGating:
     :func:`sparse_attention` block's gates if there is one, else deterministic gates at the
     model's own ``gate_bias`` (a sparse model), else nothing (a dense model)."""
 
-    def __init__(self, n_layers: int, n_heads: int):
-        self.n_layers, self.n_heads = n_layers, n_heads
-        self.gate_bias: float | None = None
+    def __init__(self, model, gate_bias: float | None = None):
+        self.n_layers, self.n_heads, _ = attention_shape(model)
+        self.owner = weakref.ref(model)
         self.block: EdgeGates | None = None
-        self.own: EdgeGates | None = None
+        self.handles: list[tuple] = []  # (hook point, LensHandle, stores q or k: kept last on its point)
+        self.set_gate_bias(gate_bias)
 
     def active(self) -> EdgeGates | None:
         return self.block if self.block is not None else self.own
 
     def set_gate_bias(self, gate_bias: float | None) -> None:
         self.gate_bias = gate_bias
-        self.own = None if gate_bias is None else EdgeGates("deterministic", gate_bias, self.n_layers, self.n_heads)
+        self.own = None if gate_bias is None else EdgeGates("deterministic", gate_bias, self.n_layers, self.n_heads,
+                                                            record=False)
 
-    def hooks(self, layer: int):
-        """``(hook_q, hook_k, hook_pattern)`` functions of ``layer``."""
+    def attach(self, model) -> None:
+        """Add the hooks: on ``hook_q`` and ``hook_k`` they store q and k, on ``hook_pattern``
+        (first of its hooks) they gate the pattern."""
+        for layer in range(self.n_layers):
+            for name, hook in zip(("hook_q", "hook_k", "hook_pattern"), self._hooks(layer)):
+                point = model.hook_dict[f"blocks.{layer}.attn.{name}"]
+                handle = point.add_hook(hook, is_permanent=True, prepend=name == "hook_pattern")
+                self.handles.append((point, handle, name != "hook_pattern"))
+
+    def attached(self) -> bool:
+        return all(handle in point.fwd_hooks and handle.hook.id in point._forward_hooks
+                   for point, handle, _ in self.handles)
+
+    def keep_stores_last(self) -> None:
+        """Move the q/k store hooks behind any hook added since, so the gate logits read q and k
+        as the other hooks left them (a patched q changes the gates as it changes the softmax)."""
+        for point, handle, stores in self.handles:
+            if stores and next(reversed(point._forward_hooks)) != handle.hook.id:
+                point._forward_hooks.move_to_end(handle.hook.id)
+
+    def _hooks(self, layer: int):
         def store_q(q, hook):
             gates = self.active()
             if gates is not None and gates.mode != "dense":
@@ -223,24 +252,58 @@ class _ModelGating:
             gates = self.active()
             return None if gates is None else gates.gate(layer, pattern)
 
+        for hook in (store_q, store_k, gate_pattern):
+            hook._sparsecirc_gate = True
         return store_q, store_k, gate_pattern
 
 
 _GATING_ATTRIBUTE = "_sparsecirc_gating"
 
 
-def _gating(model) -> _ModelGating:
-    """The model's gating hooks, attached (permanent, first on their hook points) on first use."""
-    gating = getattr(model, _GATING_ATTRIBUTE, None)
-    if gating is not None:
-        return gating
-    check_attention_hooks(model)
-    n_layers, n_heads, _ = attention_shape(model)
-    gating = _ModelGating(n_layers, n_heads)
-    for layer in range(n_layers):
-        for name, hook in zip(("hook_q", "hook_k", "hook_pattern"), gating.hooks(layer)):
-            model.hook_dict[f"blocks.{layer}.attn.{name}"].add_hook(hook, is_permanent=True, prepend=True)
-    object.__setattr__(model, _GATING_ATTRIBUTE, gating)
+def _hook_points(model):
+    return {id(point): point for point in model.hook_dict.values()}.values()  # hook_dict also holds aliases
+
+
+def _before_forward(model, args) -> None:
+    """A forward pre-hook on the whole model (a torch hook: TransformerLens' ``reset_hooks``
+    leaves it alone) for ``model(tokens)``."""
+    _gating(model, create=False)
+
+
+def _before_blocks(model_ref, block, args) -> None:
+    """The same on the first block, for ``run_with_cache`` and ``run_with_hooks``, which call
+    ``model.forward`` directly."""
+    model = model_ref()
+    if model is not None:
+        _gating(model, create=False)
+
+
+def _gating(model, create: bool = True) -> _ModelGating | None:
+    """The model's gating, with its hooks attached (permanent) on first use. Repaired where it
+    was broken: gating hooks removed (``reset_hooks(including_permanent=True)``) come back, and
+    a ``copy.deepcopy`` of a model, whose copied hooks still serve the original, gets its own."""
+    gating = model.__dict__.get(_GATING_ATTRIBUTE)
+    if gating is None and not create:
+        return None
+    if gating is None or gating.owner() is not model or not gating.attached():
+        check_attention_hooks(model)
+        for point in _hook_points(model):  # drop hooks that serve another model's gating
+            for handle in [h for h in point.fwd_hooks if getattr(h.user_hook, "_sparsecirc_gate", False)]:
+                point._forward_hooks.pop(handle.hook.id, None)
+                point.fwd_hooks.remove(handle)
+        gating = _ModelGating(model, None if gating is None else gating.gate_bias)
+        gating.attach(model)
+        model.__dict__[_GATING_ATTRIBUTE] = gating
+        if _before_forward not in model._forward_pre_hooks.values():
+            model.register_forward_pre_hook(_before_forward)
+        first_block = model.blocks[0]
+        for key, hook in list(first_block._forward_pre_hooks.items()):
+            if getattr(hook, "_sparsecirc_gate", False):  # a copied model's hook still points at the original
+                del first_block._forward_pre_hooks[key]
+        hook = functools.partial(_before_blocks, weakref.ref(model))
+        hook._sparsecirc_gate = True
+        first_block.register_forward_pre_hook(hook)
+    gating.keep_stores_last()
     return gating
 
 
@@ -252,7 +315,7 @@ def _check_gate_bias(gate_bias) -> float:
 
 def gate_bias_of(model) -> float | None:
     """The model's own gate bias: a number for a sparse model, ``None`` for a dense one."""
-    gating = getattr(model, _GATING_ATTRIBUTE, None)
+    gating = getattr(model, "__dict__", {}).get(_GATING_ATTRIBUTE)
     return None if gating is None else gating.gate_bias
 
 
@@ -261,7 +324,7 @@ def set_gate_bias(model, gate_bias: float | None) -> None:
     (deterministic gates), or, with ``None``, a dense model again."""
     if gate_bias is not None:
         gate_bias = _check_gate_bias(gate_bias)
-    if gate_bias is None and getattr(model, _GATING_ATTRIBUTE, None) is None:
+    if gate_bias is None and gate_bias_of(model) is None:
         return
     gating = _gating(model)
     if gating.block is not None:
@@ -312,7 +375,9 @@ def sparse_attention(model, mode: str = "deterministic", gate_bias: float | None
         gate_bias = _check_gate_bias(gate_bias)
     gating = _gating(model)
     if gating.block is not None:
-        raise ValueError("sparse_attention blocks do not nest: this model is already inside one; close it first")
+        raise ValueError("sparse_attention blocks do not nest: this model is already inside one. Close it first; "
+                         "predict, evaluate, circuit_graph and the other analysis functions open their own, so "
+                         "call them outside it and choose the gating with dense=True or gate_bias=")
     n_layers, n_heads, _ = attention_shape(model)
     gating.block = EdgeGates(mode, gate_bias, n_layers, n_heads, edge_mask, generator)
     try:
@@ -333,6 +398,9 @@ def analysis_run(model, *, gate_bias: float | None = None, dense: bool = False,
         raise ValueError(f"dense must be True or False, got {dense!r}")
     if dense and gate_bias is not None:
         raise ValueError("pass either dense=True (no gates) or a gate_bias, not both")
+    if edge_mask is not None and isinstance(edge_mask, torch.Tensor) and edge_mask.ndim != 4:
+        raise ValueError(f"edge_mask must be one [layer, head, query, key] mask for every input here, got shape "
+                         f"{list(edge_mask.shape)}")
     gated = not dense and (gate_bias is not None or gate_bias_of(model) is not None)
     mode = "deterministic" if gated else "dense"
     was_training = model.training

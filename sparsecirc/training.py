@@ -20,6 +20,18 @@ from .sparse_attention import gate_bias_of
 PROGRESS_INTERVAL = 2.0
 
 
+def check_field_types(config) -> None:
+    """Raise ``ValueError`` unless every field of the dataclass ``config`` annotated ``int`` holds
+    an int and every ``float`` field a finite int or float (bools are neither)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind = (float, int) if f.type == "float" else int if f.type == "int" else None
+        if kind is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is not int and not math.isfinite(value)):
+            raise ValueError(f"{f.name} must be a finite {f.type}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimiser and schedule. Stops when the *training* split reaches ``target_accuracy``
@@ -34,10 +46,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for f in fields(self):
-            value, kind = getattr(self, f.name), (float, int) if f.type == "float" else int
-            if isinstance(value, bool) or not isinstance(value, kind) or (kind is not int and not math.isfinite(value)):
-                raise ValueError(f"{f.name} must be a finite {f.type}, got {value!r}")
+        check_field_types(self)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.lr <= 0 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
@@ -70,25 +79,27 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, running, start = [], [], time.perf_counter()
-    model.train()
-    bar = tqdm(range(1, config.max_steps + 1), desc="training", disable=not progress, mininterval=PROGRESS_INTERVAL)
-    for step in bar:
-        index = torch.randint(len(train_tokens), (config.batch_size,), generator=generator)
-        running.append(train_step(model, optimizer, train_tokens[index], train_targets[index], task))
-        if step % config.eval_every == 0 or step == config.max_steps:
-            on_train = evaluate(model, task, split.train)
-            on_test = evaluate(model, task, split.test)
-            history.append({
-                "step": step, "seconds": time.perf_counter() - start,
-                "train_loss": sum(running) / len(running),
-                "train_eval_loss": on_train.loss, "train_exact_match": on_train.exact_match,
-                "test_loss": on_test.loss, "test_exact_match": on_test.exact_match,
-            })
-            running = []
-            bar.set_postfix(loss=f"{on_train.loss:.4f}", train=f"{on_train.exact_match:.4f}",
-                            test=f"{on_test.exact_match:.4f}")
-            if on_train.exact_match >= config.target_accuracy:
-                break
-    bar.close()
-    model.eval()
+    try:
+        model.train()
+        bar = tqdm(range(1, config.max_steps + 1), desc="training", disable=not progress, mininterval=PROGRESS_INTERVAL)
+        for step in bar:
+            index = torch.randint(len(train_tokens), (config.batch_size,), generator=generator)
+            running.append(train_step(model, optimizer, train_tokens[index], train_targets[index], task))
+            if step % config.eval_every == 0 or step == config.max_steps:
+                on_train = evaluate(model, task, split.train)
+                on_test = evaluate(model, task, split.test)
+                history.append({
+                    "step": step, "seconds": time.perf_counter() - start,
+                    "train_loss": sum(running) / len(running),
+                    "train_eval_loss": on_train.loss, "train_exact_match": on_train.exact_match,
+                    "test_loss": on_test.loss, "test_exact_match": on_test.exact_match,
+                })
+                running = []
+                bar.set_postfix(loss=f"{on_train.loss:.4f}", train=f"{on_train.exact_match:.4f}",
+                                test=f"{on_test.exact_match:.4f}")
+                if on_train.exact_match >= config.target_accuracy:
+                    break
+        bar.close()
+    finally:
+        model.eval()
     return history

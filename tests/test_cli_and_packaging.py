@@ -136,3 +136,13 @@ def test_cli_sparsify_refuses_a_non_finite_slack_and_prints_valid_json(tmp_path,
     assert json.loads(capsys.readouterr().out) == {"loss": None, "rows": [None, 1.0]}  # JSON has no NaN
     assert main(["sparsify", "--base", str(base), "--data", str(data), "--slack", "nan", "--out", str(tmp_path / "s.pt")]) == 2
     assert "finite" in capsys.readouterr().err and not (tmp_path / "s.pt").exists()
+
+
+def test_cli_refuses_an_output_path_through_a_file_before_training(tmp_path, capsys):
+    data = _tiny_data(tmp_path)
+    (tmp_path / "somefile").write_text("mine")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "somefile" / "m.pt"), *TINY_TRAIN]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["data", "--operand-digits", "1", "--answer-digits", "2", "--out", str(tmp_path / "somefile" / "d.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "somefile").read_text() == "mine"

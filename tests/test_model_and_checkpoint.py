@@ -85,7 +85,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, tiny_config):
         read_checkpoint(tmp_path / "lying.pt")
     record["config_digest"] = config_digest(ModelConfig.from_dict(record["config"]))  # a consistent lie
     torch.save(record, tmp_path / "lying.pt")
-    with pytest.raises(ValueError, match="weight shapes differ"):
+    with pytest.raises(ValueError, match="weight shapes or dtypes differ"):
         read_checkpoint(tmp_path / "lying.pt")
 
 
@@ -193,3 +193,37 @@ def test_a_task_that_does_not_fit_the_model_is_refused(tiny_config):
                  lambda: circuit_graph(model, AdditionTask(2, 3), "1+2")):
         with pytest.raises(ValueError, match="does not fit this model"):
             call()
+
+
+def test_analysis_doors_refuse_what_is_not_a_model_task_or_list_of_pairs(tiny_config):
+    from sparsecirc.circuit import circuit_graph, edge_frequency
+    from sparsecirc.evaluation import evaluate, predict
+
+    model = build_model(tiny_config)
+    task = tiny_config.task
+    with pytest.raises(ValueError, match="TransformerBridge"):
+        predict((model, None), task, "3+4")  # a load_checkpoint tuple not unpacked
+    with pytest.raises(ValueError, match="built for add_d1_a2"):
+        predict(model, AdditionTask(1, 3), "3+4")
+    with pytest.raises(ValueError, match="list of \\(a, b\\) pairs"):
+        evaluate(model, task, "3+4")
+    with pytest.raises(ValueError, match="one \\[layer, head, query, key\\] mask"):
+        edge_frequency(model, task, [(1, 2)], gate_bias=0.0, edge_mask=torch.ones(2, 2, 2, 6, 6))
+    with pytest.raises(ValueError, match="do not nest"):
+        from sparsecirc.sparse_attention import sparse_attention
+        with sparse_attention(model, "dense"):
+            circuit_graph(model, task, "3+4")
+
+
+def test_kind_and_config_must_agree(tmp_path, tiny_config):
+    with pytest.raises(ValueError, match="kind must be 'sparse' for a sparse config"):
+        save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), tiny_config, kind="sparse")
+    with pytest.raises(ValueError, match="gate bias is None but the config says 1.0"):
+        save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), tiny_config.sparse(1.0), kind="sparse")
+    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("bad", [{"n_layers": True}, {"gate_bias": True}, {"seed": 2**70}, {"seed": -1}])
+def test_model_config_refuses_bools_and_out_of_range_seeds(bad):
+    with pytest.raises(ValueError):
+        ModelConfig(**bad)

@@ -115,3 +115,17 @@ def test_patching_and_evaluation_leave_the_train_mode_as_they_found_it(tiny_mode
             evaluate(model, task, [(1, 2)], batch_size=bad)
     with pytest.raises(ValueError, match="at least one problem"):
         evaluate(model, task, [])
+
+
+def test_patch_masks_must_be_zeros_and_ones_of_the_right_shape(tiny_model_and_pairs):
+    model, pairs = tiny_model_and_pairs
+    clean_tokens, corrupted_tokens, _, _ = pairs.tokens()
+    corrupted_run = record_attention(model, corrupted_tokens)
+    seq = pairs.task.seq_len
+    shape = (1, model.cfg.n_layers, model.cfg.n_heads, seq, seq)
+    with pytest.raises(ValueError, match="keep must hold only 0"):
+        patched_logits(model, clean_tokens, corrupted_run, torch.full(shape, 2.0))
+    with pytest.raises(ValueError, match="keep_mlp must be"):
+        patched_logits(model, clean_tokens, corrupted_run, torch.ones(shape), torch.ones(1, 7))
+    with pytest.raises(ValueError, match="keep_mlp must hold only 0"):
+        patched_logits(model, clean_tokens, corrupted_run, torch.ones(shape), torch.full((1, model.cfg.n_layers), 0.5))

@@ -215,3 +215,43 @@ def test_analysis_run_restores_the_mode_after_an_exception(tiny_config):
         with analysis_run(model, gate_bias=1.0, dense=True):
             pass
     assert model.training
+
+
+def test_a_copy_of_a_sparse_model_has_gates_of_its_own(tiny_config):
+    import copy
+
+    model = build_model(tiny_config.sparse(0.5))
+    _, tokens = _model_and_tokens(tiny_config)
+    gated = model(tokens).detach()
+    model(tokens).sum().backward()  # a pass with a graph: the copy must not trip over it
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(tokens), gated) and gate_bias_of(twin) == 0.5
+    with sparse_attention(twin, "dense"):
+        ungated = twin(tokens)
+        assert torch.equal(model(tokens), gated)  # the original keeps its gates while the copy's block is open
+    assert not torch.equal(ungated, gated)
+    with sparse_attention(model, "dense"):
+        assert torch.equal(twin(tokens), gated)  # and the original's block does not reach the copy
+    set_gate_bias(twin, None)
+    assert torch.equal(twin(tokens), ungated) and torch.equal(model(tokens), gated)
+
+
+def test_removing_every_hook_does_not_ungate_a_sparse_model(tiny_config, temporary_hook_count):
+    model = build_model(tiny_config.sparse(0.5))
+    _, tokens = _model_and_tokens(tiny_config)
+    gated = model(tokens)
+    model.reset_hooks(including_permanent=True)
+    assert torch.equal(model(tokens), gated)  # the gating hooks come back before the pass
+    model.reset_hooks(including_permanent=True)
+    assert torch.equal(model.run_with_cache(tokens)[0], gated)  # also on paths that call model.forward directly
+    assert temporary_hook_count(model) == 0
+
+
+def test_a_patched_q_changes_the_gates_as_it_changes_the_softmax(tiny_config):
+    model = build_model(tiny_config.sparse(0.5))
+    _, tokens = _model_and_tokens(tiny_config)
+    zero_q = [(f"blocks.{l}.attn.hook_q", lambda q, hook: torch.zeros_like(q)) for l in range(tiny_config.n_layers)]
+    with sparse_attention(model) as gates:
+        model.run_with_hooks(tokens, fwd_hooks=zero_q)
+    n_pos = tokens.shape[1]
+    assert (gates.open_edges == n_causal_pairs(n_pos)).all()  # q = 0: every logit is the bias, 0.5 > 0: all open
