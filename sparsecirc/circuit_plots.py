@@ -3,9 +3,9 @@
 The layout is a grid: token positions left to right, levels (input, layer 0, ...) bottom to
 top. Attention edges are drawn from the key's node up to the query's node, one curve per head,
 blue with width and opacity by attention weight (or one colour per head); residual edges are
-thin grey verticals. No edge hides another: heads that share a (query, key) bend apart, an edge
-that spans columns arcs up above the row, and even a weight near 0 keeps a visible minimum width and
-opacity.
+thin grey verticals. No edge hides another: each curve rises from its key, runs across at a
+height set by its span and comes up into its query; heads that share a (query, key) run apart;
+and even a weight near 0 keeps a visible minimum width and opacity.
 """
 
 from __future__ import annotations
@@ -15,31 +15,39 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import networkx as nx
 import torch
-from matplotlib.patches import FancyArrowPatch
+from matplotlib.patches import PathPatch
+from matplotlib.path import Path as CurvePath
 
 from .circuit import attention_edges, level_name
 
 HEAD_COLOURS = plt.get_cmap("tab10").colors
 MIN_WIDTH, MIN_ALPHA = 0.6, 0.25  # what an open edge with weight ~0 still gets
-BEND, HEAD_SPREAD = 0.5, 0.2  # how far an edge arcs up (in columns), and the extra bend between heads on one edge
+HEAD_SPREAD = 0.12  # how far apart (in levels, or columns on a vertical edge) the curves of one edge's heads run
 
 
-def edge_curvatures(n_heads: int, key: int, query: int) -> list[float]:
-    """``arc3`` curvatures for ``n_heads`` curves on one (key -> query) edge. An edge that spans
-    columns arcs upwards by about ``BEND`` columns whatever its length (a long layer-0 edge rises
-    above the row instead of lying on it), and heads on the same edge bend apart."""
-    span = abs(query - key)
-    base = -min(0.3, BEND / span) if span else 0.0  # arc3: negative bends left of travel, i.e. up when going right
-    if n_heads == 1:
-        return [base]
-    spread = HEAD_SPREAD / max(1.0, span / 2)
-    return [base + spread * (i - (n_heads - 1) / 2) for i in range(n_heads)]
+def edge_curves(n_heads: int, span: int, seq_len: int) -> list[tuple[float, float]]:
+    """``(height, bow)`` of each of ``n_heads`` curves on one edge: the height (fraction of a
+    level) at which it runs across, higher for an edge over more columns, so that crossing edges
+    nest instead of lying on each other; and a sideways bow (columns) that parts the heads of a
+    vertical edge. Heads on one edge run apart by ``HEAD_SPREAD``."""
+    base = 0.3 + 0.4 * span / max(1, seq_len - 1)
+    offsets = [i - (n_heads - 1) / 2 for i in range(n_heads)]
+    return [(base + HEAD_SPREAD * o, 0.0 if span else 2 * HEAD_SPREAD * o) for o in offsets]
 
 
-def _draw_edge(ax, start, end, curvature: float, colour, strength: float) -> None:
-    ax.add_patch(FancyArrowPatch(start, end, connectionstyle=f"arc3,rad={curvature:.3f}", arrowstyle="-",
-                                 color=colour, lw=MIN_WIDTH + 2.6 * strength,
-                                 alpha=MIN_ALPHA + (1 - MIN_ALPHA) * strength, zorder=2, shrinkA=0, shrinkB=0))
+def _draw_edge(ax, start, end, height: float, bow: float, colour, strength: float) -> None:
+    """A cubic curve from ``start`` up to ``end``: it rises from the key, runs across at
+    ``height`` of the level and comes up into the query, so one sees which key feeds which query."""
+    (x0, y0), (x1, y1) = start, end
+    dx = x1 - x0
+    if dx == 0 and bow == 0:
+        path = CurvePath([start, end], [CurvePath.MOVETO, CurvePath.LINETO])
+    else:
+        middle = y0 + height * (y1 - y0)
+        path = CurvePath([(x0, y0), (x0 + 0.12 * dx + bow, middle), (x1 - 0.12 * dx + bow, middle), (x1, y1)],
+                         [CurvePath.MOVETO, CurvePath.CURVE4, CurvePath.CURVE4, CurvePath.CURVE4])
+    ax.add_patch(PathPatch(path, facecolor="none", edgecolor=colour, lw=MIN_WIDTH + 2.6 * strength,
+                           alpha=MIN_ALPHA + (1 - MIN_ALPHA) * strength, zorder=2, capstyle="round"))
 
 
 def plot_circuit(graph: nx.DiGraph, ax=None, color_by: str = "weight", title: str | None = None,
@@ -59,9 +67,9 @@ def plot_circuit(graph: nx.DiGraph, ax=None, color_by: str = "weight", title: st
             ax.plot([position, target], [level, level + 1], color="0.8", lw=0.8, zorder=1)
     for (level, key), (_, query), data in attention_edges(graph):
         heads = sorted(data["heads"].items())
-        for (head, weight), curvature in zip(heads, edge_curvatures(len(heads), key, query)):
+        for (head, weight), (height, bow) in zip(heads, edge_curves(len(heads), abs(query - key), seq_len)):
             colour = "tab:blue" if color_by == "weight" else HEAD_COLOURS[head % len(HEAD_COLOURS)]
-            _draw_edge(ax, (key, level), (query, level + 1), curvature, colour, min(1.0, max(0.0, weight)))
+            _draw_edge(ax, (key, level), (query, level + 1), height, bow, colour, min(1.0, max(0.0, weight)))
     nodes = list(graph.nodes)
     ax.scatter([p for _, p in nodes], [l for l, _ in nodes], s=18, color="0.3", zorder=3)
     for (level, position), data in graph.nodes(data=True):
@@ -126,7 +134,7 @@ def plot_figure1(rows: dict[str, dict[str, nx.DiGraph]], color_by: str = "weight
     n_layers, seq_len = layouts.pop()
     fig, axes = plt.subplots(len(rows), len(problems), squeeze=False,
                              figsize=((0.62 * seq_len + 1.0) * len(problems) + (1.2 if color_by == "head" else 0),
-                                      (0.9 * n_layers + 1.6) * len(rows)))
+                                      (1.1 * n_layers + 1.6) * len(rows)))
     for row, (name, graphs) in enumerate(rows.items()):
         for column, (problem, graph) in enumerate(graphs.items()):
             ax = axes[row, column]
