@@ -10,7 +10,7 @@ Modules, one idea each:
     training    base training on the answer slots
     evaluation  exact match, per-digit accuracy, loss, failures, open edges
     gates       the gate of one edge: logit, hard sample, straight-through gradient, expectation
-    sparse_attention  `with sparse_attention(model, mode) as gates:` gates every edge via hooks
+    sparse_attention  edge gates via hooks: a sparse model's own, and `with sparse_attention(model, mode)`
     sparsify    the constrained (GECO-style) sparse post-training loop
     paths       data/ (shipped) and runs/ (each run's outputs)
     plots       training curves, attention patterns, edge counts
@@ -27,7 +27,8 @@ from .data import VOCAB, AdditionSplit, AdditionTask, load_split, make_split, sa
 from .evaluation import Evaluation, answer_logits, answer_loss, evaluate, predict
 from .patching import PatchingPairs, make_pairs
 from .model import ModelConfig, build_model, count_parameters
-from .sparse_attention import Edge, EdgeGates, mask_closing, mask_keeping, sparse_attention
+from .sparse_attention import (Edge, EdgeGates, analysis_run, gate_bias_of, mask_closing, mask_keeping, set_gate_bias,
+                               sparse_attention)
 from .sparsify import LagrangeMultiplier, SparsifyConfig, sparsify
 from .training import TrainConfig, train
 
@@ -39,7 +40,8 @@ __all__ = [
     "Checkpoint", "save_checkpoint", "read_checkpoint", "load_checkpoint",
     "TrainConfig", "train",
     "Evaluation", "evaluate", "predict", "answer_logits", "answer_loss",
-    "Edge", "EdgeGates", "sparse_attention", "mask_closing", "mask_keeping",
+    "Edge", "EdgeGates", "sparse_attention", "analysis_run", "gate_bias_of", "set_gate_bias", "mask_closing",
+    "mask_keeping",
     "SparsifyConfig", "LagrangeMultiplier", "sparsify",
     "circuit_graph", "prune_to_answers", "restrict_to_digit", "edge_frequency", "frequency_graph",
     "PatchingPairs", "make_pairs", "Patcher", "PatchingEffects", "needed_for",

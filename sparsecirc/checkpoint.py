@@ -2,13 +2,22 @@
 
 A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=True``)::
 
-    {"format": "sparsecirc.checkpoint/1", "kind": "base", "config": {...ModelConfig...},
-     "state_dict": {...}, "metrics": {...}, "extra": {...}}
+    {"format": "sparsecirc.checkpoint/2", "kind": "base", "config": {...ModelConfig...},
+     "config_digest": "<sha256 of the config>", "state_dict": {...}, "metrics": {...}, "extra": {...}}
+
+``metrics`` and ``extra`` hold plain data only (str keys; str, int, float, bool, None, lists
+and dicts of them), checked before anything is written. The digest catches a config edited
+after saving whose weights still have the right shapes (``n_heads=8, d_head=8`` for 4 x 16,
+another ``act_fn``), which would load and answer wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pickle
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +25,9 @@ from pathlib import Path
 import torch
 
 from .model import ModelConfig, build_model
+from .sparse_attention import gate_bias_of
 
-CHECKPOINT_FORMAT = "sparsecirc.checkpoint/1"
+CHECKPOINT_FORMAT = "sparsecirc.checkpoint/2"  # /2 added the config digest
 
 
 @dataclass
@@ -36,40 +46,106 @@ class Checkpoint:
         return model
 
 
+def config_digest(config: ModelConfig) -> str:
+    """A fingerprint of ``config``: sha256 of its fields as sorted JSON."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def check_plain_data(value, where: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is plain data a checkpoint can hold and read back:
+    str, int, float, bool, None, or lists/tuples and str-keyed dicts of them."""
+    if value is None or type(value) in (str, bool, int, float):  # exact types: a numpy float64 is a float too
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            check_plain_data(item, f"{where}[{i}]")
+        return
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ValueError(f"{where} has a non-str key {key!r}; checkpoint metrics and extras need str keys")
+            check_plain_data(item, f"{where}[{key!r}]")
+        return
+    raise ValueError(f"{where} is a {type(value).__name__}; a checkpoint holds only str, int, float, bool, None "
+                     f"and lists or dicts of them (convert it first, e.g. float(x), x.tolist(), str(path))")
+
+
 def save_checkpoint(path, model, config: ModelConfig, metrics: dict | None = None, *,
                     kind: str = "base", extra: dict | None = None, overwrite: bool = False) -> Path:
     """Save ``model`` with its config and metrics. An existing file is only replaced with
-    ``overwrite=True``."""
+    ``overwrite=True``; everything is checked before anything is written, and the file is
+    written to a fresh temporary name in the same folder, then moved into place."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path such as {path / (config.name + '.pt')}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind != ("sparse" if config.is_sparse else "base"):
+        raise ValueError(f"kind must be 'sparse' for a sparse config and 'base' for a dense one; got {kind!r} for "
+                         f"{config.name}")
+    for name, value in (("metrics", metrics), ("extra", extra)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
+        check_plain_data(value, name)
+    if gate_bias_of(model) != config.gate_bias:
+        raise ValueError(f"the model's own gate bias is {gate_bias_of(model)} but the config says {config.gate_bias}; "
+                         f"save a sparse model with its sparse config (config.sparse(gate_bias)), a dense one with a dense config")
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    check_weights(state_dict, config)
     record = {
         "format": CHECKPOINT_FORMAT,
         "kind": kind,
         "config": config.to_dict(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "config_digest": config_digest(config),
+        "state_dict": state_dict,
         "metrics": metrics or {},
         "extra": extra or {},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(record, tmp)
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(record, file)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
 def read_checkpoint(path) -> Checkpoint:
-    """Read and validate a checkpoint file (format, config fields, weight names and shapes)."""
+    """Read and validate a checkpoint file (format, config and its digest, weight names, shapes
+    and types)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}" + (" (it is a directory)" if path.is_dir() else ""))
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise ValueError(f"{path} is not a readable sparsecirc checkpoint (corrupt or another format): {err}") from None
+    if isinstance(record, dict) and record.get("format") == "sparsecirc.checkpoint/1":
+        raise ValueError(f"{path} was written by an older sparsecirc (format 'sparsecirc.checkpoint/1', without a "
+                         f"config digest); train or sparsify it again to get a {CHECKPOINT_FORMAT!r} file")
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a sparsecirc checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    config = ModelConfig.from_dict(record["config"])
+    missing = [key for key in ("config", "config_digest", "state_dict") if key not in record]
+    if missing:
+        raise ValueError(f"{path} is not a complete sparsecirc checkpoint: it lacks {missing}")
+    if not isinstance(record["config"], dict) or not isinstance(record["state_dict"], dict):
+        raise ValueError(f"{path}: config and state_dict must be dicts")
+    try:
+        config = ModelConfig.from_dict(record["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the config cannot be read: {err}") from None
+    kind = record.get("kind", "base")
+    if kind != ("sparse" if config.is_sparse else "base"):
+        raise ValueError(f"{path}: kind {kind!r} does not match its config {config.name}")
+    if record["config_digest"] != config_digest(config):
+        raise ValueError(f"{path}: the config does not match the one the weights were saved with "
+                         f"(edited after saving?); refusing to load weights under another config")
+    for name in ("metrics", "extra"):
+        if not isinstance(record.get(name, {}), dict):
+            raise ValueError(f"{path}: {name} must be a dict")
     checkpoint = Checkpoint(config, record["state_dict"], record.get("metrics", {}),
                             record.get("kind", "base"), record.get("extra", {}))
     check_weights(checkpoint.state_dict, config, source=str(path))
@@ -77,14 +153,23 @@ def read_checkpoint(path) -> Checkpoint:
 
 
 def check_weights(state_dict: dict, config: ModelConfig, source: str = "state dict") -> None:
+    """Raise ``ValueError`` unless ``state_dict`` has exactly the weights of ``config``: the same
+    names and shapes, finite floating-point tensors."""
     expected = build_model(config).state_dict()
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ValueError(f"{source}: weights {not_tensors[:5]} are not tensors")
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source} does not match config {config.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(state_dict[k].shape)]
+    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(state_dict[k].shape)
+             or expected[k].dtype != state_dict[k].dtype]
     if wrong:
-        raise ValueError(f"{source}: weight shapes differ from config {config.name} for {wrong[:5]}")
+        raise ValueError(f"{source}: weight shapes or dtypes differ from config {config.name} for {wrong[:5]}")
+    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:
+        raise ValueError(f"{source}: weights {not_finite[:5]} hold NaN or infinite values")
 
 
 def load_weights(model, state_dict: dict, config: ModelConfig) -> None:

@@ -17,7 +17,8 @@ import networkx as nx
 import torch
 
 from .data import VOCAB, AdditionTask
-from .sparse_attention import analysis_gates, attention_shape, sparse_attention
+from .evaluation import check_task
+from .sparse_attention import analysis_run, attention_shape, batch_slices
 
 
 def level_name(level: int) -> str:
@@ -60,27 +61,25 @@ def build_circuit_graph(weights: torch.Tensor, open_mask: torch.Tensor, input_la
     return graph
 
 
-@torch.no_grad()
-def circuit_graph(model, task: AdditionTask, problem: str, gate_bias: float | None = None,
+def circuit_graph(model, task: AdditionTask, problem: str, *, gate_bias: float | None = None, dense: bool = False,
                   edge_mask: torch.Tensor | None = None) -> nx.DiGraph:
     """The circuit of ``model`` on one problem such as ``"36+28"``.
 
-    With ``gate_bias`` (a sparse model) the edges are the gates open under deterministic gating;
-    without it (a dense model) every causal edge, with its attention weight. ``edge_mask``
-    (``[layer, head, query, key]``) closes edges on top. The top row holds the predictions.
+    A sparse model runs with its own gates: the edges are the gates open under deterministic
+    gating. A dense model (or ``dense=True``) gives every causal edge, with its attention
+    weight; ``gate_bias=`` gates at another bias. ``edge_mask`` (``[layer, head, query,
+    key]``) closes edges on top. The top row holds the predictions.
     """
+    check_task(model, task)
     tokens, _ = task.batch([task.parse(problem)])
-    was_training = model.training
-    model.eval()
-    with analysis_gates(model, gate_bias, edge_mask) as gates:
+    with analysis_run(model, gate_bias=gate_bias, dense=dense, edge_mask=edge_mask) as gates:
         logits = model(tokens)
-    model.train(was_training)
     predicted = "".join(VOCAB[t] for t in logits[0, task.prompt_len:].argmax(-1).tolist())
     input_labels = [VOCAB[t] for t in tokens[0].tolist()]
     output_labels = [""] * task.prompt_len + list(predicted)
     return build_circuit_graph(gates.weights[0], gates.masks[0], input_labels, output_labels,
                                task.answer_positions, problem=problem, predicted=predicted,
-                               gated=gate_bias is not None)
+                               gated=gates.mode != "dense")
 
 
 def attention_edges(graph: nx.DiGraph) -> list[tuple]:
@@ -117,36 +116,33 @@ def restrict_to_digit(graph: nx.DiGraph, digit: int) -> nx.DiGraph:
     return prune_to_answers(graph, [slots[digit]])
 
 
-@torch.no_grad()
-def edge_usage(model, task: AdditionTask, pairs, gate_bias: float, batch_size: int = 2500,
-               edge_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """How each edge is used under deterministic gates over ``pairs``: ``(frequency, mass)``, both
-    ``[layer, head, query, key]``. ``frequency`` is the fraction of inputs on which the edge is
-    open; ``mass`` the mean attention it carries (softmax weight times gate, 0 where closed).
-    ``edge_mask`` closes edges on top of the gates."""
-    pairs = list(pairs)
-    if not pairs:
-        raise ValueError("need at least one problem to count edges over")
-    n_layers, n_heads, n_ctx = attention_shape(model)
+def edge_usage(model, task: AdditionTask, pairs, *, gate_bias: float | None = None, edge_mask: torch.Tensor | None = None,
+               batch_size: int = 2500) -> tuple[torch.Tensor, torch.Tensor]:
+    """How each edge is used over ``pairs`` under the model's deterministic gates (or at
+    ``gate_bias``): ``(frequency, mass)``, both ``[layer, head, query, key]``. ``frequency`` is
+    the fraction of inputs on which the edge is open; ``mass`` the mean attention it carries
+    (softmax weight times gate, 0 where closed). ``edge_mask`` closes edges on top of the gates.
+    A dense model without ``gate_bias`` has every causal edge open on every input."""
+    check_task(model, task)
+    pairs = task.check_pairs(pairs)
+    n_layers, n_heads, _ = attention_shape(model)
     counts = torch.zeros(n_layers, n_heads, task.seq_len, task.seq_len)
     mass = torch.zeros_like(counts)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            tokens, _ = task.batch(pairs[start:start + batch_size])
-            with sparse_attention(model, "deterministic", gate_bias, edge_mask) as gates:
-                model(tokens)
+    slices = batch_slices(len(pairs), batch_size)
+    with analysis_run(model, gate_bias=gate_bias, edge_mask=edge_mask) as gates:
+        for part in slices:
+            tokens, _ = task.batch(pairs[part])
+            model(tokens)
             counts += gates.masks.sum(0)
             mass += gates.weights.sum(0)
-    model.train(was_training)
     return counts / len(pairs), mass / len(pairs)
 
 
-def edge_frequency(model, task: AdditionTask, pairs, gate_bias: float, batch_size: int = 2500) -> torch.Tensor:
-    """How often each edge is open under deterministic gates over ``pairs``:
-    ``[layer, head, query, key]``, fractions in [0, 1]."""
-    return edge_usage(model, task, pairs, gate_bias, batch_size)[0]
+def edge_frequency(model, task: AdditionTask, pairs, *, gate_bias: float | None = None,
+                   edge_mask: torch.Tensor | None = None, batch_size: int = 2500) -> torch.Tensor:
+    """How often each edge is open over ``pairs`` under the model's deterministic gates:
+    ``[layer, head, query, key]``, fractions in [0, 1] (see :func:`edge_usage`)."""
+    return edge_usage(model, task, pairs, gate_bias=gate_bias, edge_mask=edge_mask, batch_size=batch_size)[0]
 
 
 def frequency_graph(frequency: torch.Tensor, task: AdditionTask, min_frequency: float = 0.0) -> nx.DiGraph:

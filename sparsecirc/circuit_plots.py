@@ -1,8 +1,11 @@
 """Figure-1-style pictures of circuit graphs (matplotlib), and saving them as PNG and SVG.
 
 The layout is a grid: token positions left to right, levels (input, layer 0, ...) bottom to
-top. Attention edges are drawn from the key's node up to the query's node, blue with width and
-opacity by attention weight (or one colour per head); residual edges are thin grey verticals.
+top. Attention edges are drawn from the key's node up to the query's node, one curve per head,
+blue with width and opacity by attention weight (or one colour per head); residual edges are
+thin grey verticals. No edge hides another: each curve rises from its key, runs across at a
+height set by its span and comes up into its query; heads that share a (query, key) run apart;
+and even a weight near 0 keeps a visible minimum width and opacity.
 """
 
 from __future__ import annotations
@@ -12,18 +15,47 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import networkx as nx
 import torch
+from matplotlib.patches import PathPatch
+from matplotlib.path import Path as CurvePath
 
 from .circuit import attention_edges, level_name
 
 HEAD_COLOURS = plt.get_cmap("tab10").colors
+MIN_WIDTH, MIN_ALPHA = 0.6, 0.25  # what an open edge with weight ~0 still gets
+HEAD_SPREAD = 0.12  # how far apart (in levels, or columns on a vertical edge) the curves of one edge's heads run
+
+
+def edge_curves(n_heads: int, span: int, seq_len: int) -> list[tuple[float, float]]:
+    """``(height, bow)`` of each of ``n_heads`` curves on one edge: the height (fraction of a
+    level) at which it runs across, higher for an edge over more columns, so that crossing edges
+    nest instead of lying on each other; and a sideways bow (columns) that parts the heads of a
+    vertical edge. Heads on one edge run apart by ``HEAD_SPREAD``."""
+    base = 0.3 + 0.4 * span / max(1, seq_len - 1)
+    offsets = [i - (n_heads - 1) / 2 for i in range(n_heads)]
+    return [(base + HEAD_SPREAD * o, 0.0 if span else 2 * HEAD_SPREAD * o) for o in offsets]
+
+
+def _draw_edge(ax, start, end, height: float, bow: float, colour, strength: float) -> None:
+    """A cubic curve from ``start`` up to ``end``: it rises from the key, runs across at
+    ``height`` of the level and comes up into the query, so one sees which key feeds which query."""
+    (x0, y0), (x1, y1) = start, end
+    dx = x1 - x0
+    if dx == 0 and bow == 0:
+        path = CurvePath([start, end], [CurvePath.MOVETO, CurvePath.LINETO])
+    else:
+        middle = y0 + height * (y1 - y0)
+        path = CurvePath([(x0, y0), (x0 + 0.12 * dx + bow, middle), (x1 - 0.12 * dx + bow, middle), (x1, y1)],
+                         [CurvePath.MOVETO, CurvePath.CURVE4, CurvePath.CURVE4, CurvePath.CURVE4])
+    ax.add_patch(PathPatch(path, facecolor="none", edgecolor=colour, lw=MIN_WIDTH + 2.6 * strength,
+                           alpha=MIN_ALPHA + (1 - MIN_ALPHA) * strength, zorder=2, capstyle="round"))
 
 
 def plot_circuit(graph: nx.DiGraph, ax=None, color_by: str = "weight", title: str | None = None,
                  position_labels: list[str] | None = None):
     """Draw one circuit graph on ``ax`` (a new figure if None); returns the axes.
 
-    ``color_by``: ``"weight"`` (blue, width and alpha by the largest head's attention weight) or
-    ``"head"`` (one line per head in the head's colour, width and alpha by that head's weight).
+    Every head on an edge is its own curve. ``color_by``: ``"weight"`` (blue) or ``"head"`` (the
+    head's colour, with a legend); width and opacity grow with that head's attention weight.
     """
     if color_by not in ("weight", "head"):
         raise ValueError(f"color_by must be 'weight' or 'head', got {color_by!r}")
@@ -32,17 +64,12 @@ def plot_circuit(graph: nx.DiGraph, ax=None, color_by: str = "weight", title: st
         _, ax = plt.subplots(figsize=(0.75 * seq_len + 1.5, 0.9 * n_layers + 1.6))
     for (level, position), (_, target), data in graph.edges(data=True):
         if data["residual"]:
-            ax.plot([position, target], [level, level + 1], color="0.75", lw=1.0, zorder=1)
+            ax.plot([position, target], [level, level + 1], color="0.8", lw=0.8, zorder=1)
     for (level, key), (_, query), data in attention_edges(graph):
-        if color_by == "weight":
-            strength = min(1.0, max(data["heads"].values()))
-            ax.plot([key, query], [level, level + 1], color="tab:blue", lw=0.4 + 3.0 * strength,
-                    alpha=0.15 + 0.85 * strength, zorder=2, solid_capstyle="round")
-        else:
-            for head, weight in sorted(data["heads"].items()):
-                strength = min(1.0, weight)
-                ax.plot([key, query], [level, level + 1], color=HEAD_COLOURS[head % len(HEAD_COLOURS)],
-                        lw=0.4 + 3.0 * strength, alpha=0.2 + 0.8 * strength, zorder=2, solid_capstyle="round")
+        heads = sorted(data["heads"].items())
+        for (head, weight), (height, bow) in zip(heads, edge_curves(len(heads), abs(query - key), seq_len)):
+            colour = "tab:blue" if color_by == "weight" else HEAD_COLOURS[head % len(HEAD_COLOURS)]
+            _draw_edge(ax, (key, level), (query, level + 1), height, bow, colour, min(1.0, max(0.0, weight)))
     nodes = list(graph.nodes)
     ax.scatter([p for _, p in nodes], [l for l, _ in nodes], s=18, color="0.3", zorder=3)
     for (level, position), data in graph.nodes(data=True):
@@ -84,6 +111,38 @@ def plot_circuits(graphs: dict[str, nx.DiGraph], color_by: str = "weight", posit
     fig, axes = plt.subplots(len(graphs), 1, figsize=(width, (0.9 * n_layers + 1.6) * len(graphs)), squeeze=False)
     for ax, (name, graph) in zip(axes[:, 0], graphs.items()):
         plot_circuit(graph, ax, color_by=color_by, title=name, position_labels=position_labels)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def plot_figure1(rows: dict[str, dict[str, nx.DiGraph]], color_by: str = "weight",
+                 position_labels: list[str] | None = None, suptitle: str | None = None):
+    """The paper's Figure 1 layout: one column per problem, one row per model, every panel on the
+    same axes. ``rows``: ``{model name: {problem: graph}}``, e.g. ``{"Dense": {...}, "Sparse": {...}}``
+    with the same problems in the same order. Returns the figure."""
+    if not rows or not all(rows.values()):
+        raise ValueError("need at least one model with at least one problem")
+    problems = list(next(iter(rows.values())))
+    for name, graphs in rows.items():
+        if list(graphs) != problems:
+            raise ValueError(f"row {name!r} has problems {list(graphs)}, the first row {problems}: they must match")
+    layouts = {(g.graph["n_layers"], g.graph["seq_len"]) for graphs in rows.values() for g in graphs.values()}
+    if len(layouts) != 1:
+        raise ValueError(f"all graphs must share one layout (layers, positions), got {sorted(layouts)}")
+    n_layers, seq_len = layouts.pop()
+    fig, axes = plt.subplots(len(rows), len(problems), squeeze=False,
+                             figsize=((0.62 * seq_len + 1.0) * len(problems) + (1.2 if color_by == "head" else 0),
+                                      (1.1 * n_layers + 1.6) * len(rows)))
+    for row, (name, graphs) in enumerate(rows.items()):
+        for column, (problem, graph) in enumerate(graphs.items()):
+            ax = axes[row, column]
+            plot_circuit(graph, ax, color_by=color_by, title=f"{name}: {problem}", position_labels=position_labels)
+            if column > 0:
+                ax.set_yticklabels([])
+            if color_by == "head" and column < len(problems) - 1 and ax.get_legend():
+                ax.get_legend().remove()
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()

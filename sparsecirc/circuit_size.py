@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .evaluation import check_task
 from .gates import causal_mask
 from .patching import PatchingPairs, logit_difference, patched_logits, record_attention
 
@@ -42,13 +43,18 @@ class PatchingEffects:
 class Patcher:
     """Runs batches of patched variants of one set of pairs on one model."""
 
-    def __init__(self, model, pairs: PatchingPairs, gate_bias: float | None = None, batch_limit: int = 4096,
-                 progress: bool = True):
-        self.model, self.pairs, self.gate_bias, self.progress = model, pairs, gate_bias, progress
-        model.eval()
+    def __init__(self, model, pairs: PatchingPairs, *, gate_bias: float | None = None, dense: bool = False,
+                 batch_limit: int = 4096, progress: bool = True):
+        """The model runs with its own gating (a sparse model: deterministic gates at its bias)
+        unless asked otherwise (``gate_bias=``, ``dense=True``)."""
+        check_task(model, pairs.task)
+        if isinstance(batch_limit, bool) or not isinstance(batch_limit, int) or batch_limit < 1:
+            raise ValueError(f"batch_limit must be a positive int, got {batch_limit!r}")
+        self.model, self.pairs, self.progress = model, pairs, progress
+        self.gating = {"gate_bias": gate_bias, "dense": dense}
         self.clean_tokens, corrupted_tokens, self.clean_targets, self.corrupted_targets = pairs.tokens()
-        self.clean_run = record_attention(model, self.clean_tokens, gate_bias)
-        self.corrupted_run = record_attention(model, corrupted_tokens, gate_bias)
+        self.clean_run = record_attention(model, self.clean_tokens, **self.gating)
+        self.corrupted_run = record_attention(model, corrupted_tokens, **self.gating)
         self.variants_per_pass = max(1, batch_limit // len(pairs))
         self.shape = (model.cfg.n_layers, model.cfg.n_heads, self.clean_tokens.shape[1], self.clean_tokens.shape[1])
 
@@ -65,7 +71,7 @@ class Patcher:
         for start in tqdm(starts, desc=desc, disable=not self.progress or len(starts) < 4, leave=False):
             end = start + self.variants_per_pass
             logits = patched_logits(self.model, self.clean_tokens, self.corrupted_run, keep[start:end],
-                                    None if keep_mlp is None else keep_mlp[start:end], self.gate_bias)
+                                    None if keep_mlp is None else keep_mlp[start:end], **self.gating)
             results.append(self.metric(logits))
         return torch.cat(results)
 

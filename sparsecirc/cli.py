@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,26 +19,59 @@ from .sparsify import SparsifyConfig, sparsify
 from .training import TrainConfig, train
 
 
+def _json_safe(value):
+    """``value`` with NaN and infinite floats as ``None``: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _print(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     else:
         for key, value in result.items():
             print(f"{key}: {value}")
 
 
+def check_parent_folder(path: Path) -> None:
+    """Raise ``ValueError`` if a folder on the way to ``path`` exists as a file."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+            return
+
+
+def _output_path(out, default_name: str, kind: str, force: bool) -> Path:
+    """Where a command writes its checkpoint, checked before any work: not a directory, and not
+    an existing file unless ``force``."""
+    out = Path(out) if out else paths.new_run_dir(kind) / default_name
+    check_parent_folder(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file path such as {out / default_name}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    return out
+
+
 def cmd_data(args) -> dict:
+    check_parent_folder(Path(args.out))
     task = AdditionTask(args.operand_digits, args.answer_digits)
     split = make_split(task, args.test_size, args.seed)
     out = save_split(split, args.out)
     return {"path": str(out), "task": task.name, "n_train": len(split.train), "n_test": len(split.test), "seed": args.seed}
 
 
-def evaluation_metrics(model, split, gate_bias: float | None = None) -> dict:
-    """Exact match, per-digit accuracy and loss on the held-out split and on every problem;
-    for a sparse model (``gate_bias`` set) also the open edges per input."""
-    on_test = evaluate(model, split.task, split.test, gate_bias=gate_bias)
-    on_all = evaluate(model, split.task, split.all, gate_bias=gate_bias)
+def evaluation_metrics(model, split) -> dict:
+    """Exact match, per-digit accuracy and loss on the held-out split and on every problem,
+    with the model's own gating; for a sparse model also the open edges per input."""
+    on_test = evaluate(model, split.task, split.test)
+    on_all = evaluate(model, split.task, split.all)
     return {"test": on_test.summary(), "all": on_all.summary(),
             "failures_all": [list(f) for f in on_all.failures[:50]]}
 
@@ -48,9 +82,7 @@ def cmd_train(args) -> dict:
                          n_heads=args.n_heads, d_head=args.d_head, d_model=args.d_model, d_mlp=args.d_mlp,
                          seed=args.seed)
     train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed)
-    out = Path(args.out) if args.out else paths.new_run_dir("cli_train") / f"{config.name}_base.pt"
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    out = _output_path(args.out, f"{config.name}_base.pt", "cli_train", args.force)
     model = build_model(config)
     start = time.perf_counter()
     history = train(model, split, train_config, progress=not args.json)
@@ -79,13 +111,11 @@ def cmd_sparsify(args) -> dict:
                             slack=args.slack, final_slack=args.final_slack, weight_decay=args.weight_decay,
                             prune_at=args.prune_at, seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
-    out = Path(args.out) if args.out else paths.new_run_dir("cli_sparsify") / f"{sparse_config.name}.pt"
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    out = _output_path(args.out, f"{sparse_config.name}.pt", "cli_sparsify", args.force)
     start = time.perf_counter()
     history = sparsify(model, split, config, progress=not args.json)
     seconds = time.perf_counter() - start
-    metrics = evaluation_metrics(model, split, gate_bias=config.gate_bias)
+    metrics = evaluation_metrics(model, split)  # sparsify left a sparse model, gated at config.gate_bias
     metrics.update(steps=config.steps, sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
                    tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"])
     save_checkpoint(out, model, sparse_config, metrics, kind="sparse", overwrite=args.force,
@@ -96,7 +126,7 @@ def cmd_sparsify(args) -> dict:
 def cmd_evaluate(args) -> dict:
     model, checkpoint, split = _load_matching(args.checkpoint, args.data)
     return {"checkpoint": str(args.checkpoint), "config": checkpoint.config.name, "kind": checkpoint.kind,
-            **evaluation_metrics(model, split, gate_bias=checkpoint.config.gate_bias)}
+            **evaluation_metrics(model, split)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +191,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: FileExistsError, FileNotFoundError, PermissionError, ...
         print(f"error: {err}", file=sys.stderr)
         return 2
     _print(result, args.json)

@@ -27,6 +27,11 @@ PLUS_ID, EQUALS_ID, BLANK_ID = TOKEN_ID[PLUS], TOKEN_ID[EQUALS], TOKEN_ID[BLANK]
 DATASET_FORMAT = "sparsecirc.addition-split/1"
 
 
+def _shorten(text: str, limit: int = 40) -> str:
+    """``repr(text)``, cut to about ``limit`` characters for an error message."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class AdditionTask:
     """``a + b`` with ``operand_digits``-digit operands and ``answer_digits`` answer slots."""
@@ -35,9 +40,9 @@ class AdditionTask:
     answer_digits: int = 5
 
     def __post_init__(self):
-        if not isinstance(self.operand_digits, int) or self.operand_digits < 1:
+        if isinstance(self.operand_digits, bool) or not isinstance(self.operand_digits, int) or self.operand_digits < 1:
             raise ValueError(f"operand_digits must be a positive int, got {self.operand_digits!r}")
-        if not isinstance(self.answer_digits, int) or self.answer_digits < 1:
+        if isinstance(self.answer_digits, bool) or not isinstance(self.answer_digits, int) or self.answer_digits < 1:
             raise ValueError(f"answer_digits must be a positive int, got {self.answer_digits!r}")
         largest_sum = 2 * (10**self.operand_digits - 1)
         if len(str(largest_sum)) > self.answer_digits:
@@ -84,24 +89,23 @@ class AdditionTask:
 
     # ---- parsing ------------------------------------------------------------------------
     def parse(self, problem: str) -> tuple[int, int]:
-        """``"36+28"`` -> ``(36, 28)``. Spaces are ignored; operands must have exactly
-        ``operand_digits`` digits (leading zeros allowed: ``"07+03"``), or fewer digits if
-        unpadded (``"7+3"``)."""
+        """``"36+28"`` -> ``(36, 28)``. Allowed: ASCII digits 0-9, one ``+``, an optional ``=`` at
+        the end, and spaces around them (``" 36 + 28 = "``), not inside a number. Operands have
+        at most ``operand_digits`` digits (leading zeros allowed: ``"07+03"``)."""
         if not isinstance(problem, str):
             raise ValueError(f"a problem must be a string like '36+28', got {type(problem).__name__}")
-        text = problem.replace(" ", "")
         d = self.operand_digits
-        match = re.fullmatch(r"(\d+)\+(\d+)=?", text)
+        match = re.fullmatch(r" *([0-9]+) *\+ *([0-9]+) *(?:= *)?", problem)
         if match is None:
             raise ValueError(
-                f"cannot parse problem {problem!r}: expected two non-negative integers of at most "
-                f"{d} digits joined by '+', e.g. {'3' * d}+{'2' * d}"
+                f"cannot parse problem {_shorten(problem)}: expected two non-negative integers of at most "
+                f"{d} ASCII digits joined by '+', e.g. {'3' * d}+{'2' * d}"
             )
         a_text, b_text = match.groups()
         for operand in (a_text, b_text):
             if len(operand) > d:
                 raise ValueError(
-                    f"operand {operand!r} in {problem!r} has {len(operand)} digits; this task "
+                    f"operand {_shorten(operand)} in {_shorten(problem)} has {len(operand)} digits; this task "
                     f"({self.name}) takes operands of at most {d} digits (0..{self.max_operand})"
                 )
         return int(a_text), int(b_text)
@@ -112,6 +116,20 @@ class AdditionTask:
                 raise ValueError(
                     f"operand {x!r} is outside 0..{self.max_operand} for this task ({self.name})"
                 )
+
+    def check_pairs(self, pairs) -> list[tuple[int, int]]:
+        """``pairs`` as a non-empty list of ``(a, b)`` operand pairs of this task, checked."""
+        if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+            raise ValueError(f"problems must be a list of (a, b) pairs, got {type(pairs).__name__}; "
+                             f"use task.parse('36+28') for one problem string")
+        pairs = list(pairs)
+        if not pairs:
+            raise ValueError("need at least one problem, got an empty list")
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"problems must be (a, b) pairs, got {pair!r}")
+            self.check_operands(*pair)
+        return [tuple(pair) for pair in pairs]
 
     def answer(self, a: int, b: int) -> str:
         """The answer digits as text: ``answer(36, 28) == '00064'``."""
@@ -139,15 +157,25 @@ class AdditionTask:
         return tokens, targets
 
     # ---- decoding -----------------------------------------------------------------------
-    def check_tokens(self, tokens) -> list[int]:
-        ids = [int(t) for t in (tokens.tolist() if torch.is_tensor(tokens) else tokens)]
-        if len(ids) != self.seq_len:
-            raise ValueError(
-                f"expected {self.seq_len} tokens for {self.name}, got {len(ids)}"
-            )
+    def check_tokens(self, tokens, length: int | None = None) -> list[int]:
+        """Token ids (a 1-D integer tensor or a list of ints) as a list, checked: ``length``
+        of them (default ``seq_len``), each a vocabulary id."""
+        length = self.seq_len if length is None else length
+        if torch.is_tensor(tokens):
+            if tokens.ndim != 1 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+                raise ValueError(f"token ids must be a 1-D integer tensor, got {tokens.dtype} of shape {list(tokens.shape)}")
+            ids = tokens.tolist()
+        elif isinstance(tokens, (list, tuple)):
+            ids = list(tokens)
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise ValueError("token ids must be ints")
+        else:
+            raise ValueError(f"token ids must be a list of ints or a 1-D integer tensor, got {type(tokens).__name__}")
+        if len(ids) != length:
+            raise ValueError(f"expected {length} token ids for {self.name}, got {len(ids)}")
         bad = [t for t in ids if not 0 <= t < len(VOCAB)]
         if bad:
-            raise ValueError(f"token ids {bad} are out of range; the vocabulary has ids 0..{len(VOCAB) - 1}")
+            raise ValueError(f"token ids {bad[:5]} are out of range; the vocabulary has ids 0..{len(VOCAB) - 1}")
         return ids
 
     def decode(self, tokens) -> str:
@@ -165,9 +193,7 @@ class AdditionTask:
 
     def decode_answer(self, digits) -> str:
         """Predicted or target answer ids ``[answer_digits]`` -> text like ``'00064'``."""
-        ids = [int(t) for t in (digits.tolist() if torch.is_tensor(digits) else digits)]
-        if len(ids) != self.answer_digits:
-            raise ValueError(f"expected {self.answer_digits} answer digits, got {len(ids)}")
+        ids = self.check_tokens(digits, self.answer_digits)
         if any(not 0 <= t <= 9 for t in ids):
             raise ValueError(f"answer ids must be digit tokens 0..9, got {ids}")
         return "".join(VOCAB[t] for t in ids)
@@ -206,9 +232,16 @@ class AdditionSplit:
         return self.train + self.test
 
 
+MAX_ENUMERATED_PROBLEMS = 10**6  # 3-digit operands; 4 digits would be 10^8 pairs in memory
+
+
 def make_split(task: AdditionTask = AdditionTask(), test_size: int = 1000, seed: int = 0) -> AdditionSplit:
-    """Shuffle every problem with ``seed`` and hold out ``test_size`` of them."""
-    if not 0 < test_size < task.n_problems:
+    """Shuffle every problem with ``seed`` and hold out ``test_size`` of them. Tasks of more
+    than ``MAX_ENUMERATED_PROBLEMS`` problems are refused before any memory is spent."""
+    if task.n_problems > MAX_ENUMERATED_PROBLEMS:
+        raise ValueError(f"{task.name} has {task.n_problems:,} problems, more than the {MAX_ENUMERATED_PROBLEMS:,} "
+                         f"a split enumerates; use operand_digits <= 3")
+    if isinstance(test_size, bool) or not isinstance(test_size, int) or not 0 < test_size < task.n_problems:
         raise ValueError(f"test_size must be in 1..{task.n_problems - 1} for {task.name}, got {test_size}")
     pairs = task.all_pairs()
     random.Random(seed).shuffle(pairs)
@@ -227,6 +260,8 @@ def save_split(split: AdditionSplit, path: str | Path) -> Path:
     overwritten (``FileExistsError``): move it or choose another path.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path such as {path / (split.task.name + '.json')}")
     record = {
         "format": DATASET_FORMAT,
         "operand_digits": split.task.operand_digits,
@@ -250,17 +285,29 @@ def save_split(split: AdditionSplit, path: str | Path) -> Path:
 def load_split(path: str | Path) -> AdditionSplit:
     """Read a split written by :func:`save_split`, checking that it is whole and consistent."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no dataset file at {path}" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a sparsecirc dataset (not valid JSON text: {err})") from None
     if not isinstance(record, dict) or record.get("format") != DATASET_FORMAT:
         raise ValueError(f"{path} is not a sparsecirc dataset (expected format {DATASET_FORMAT!r})")
+    missing = [k for k in ("operand_digits", "answer_digits", "seed", "n_train", "n_test", "train", "test") if k not in record]
+    if missing:
+        raise ValueError(f"{path}: the dataset lacks {missing}")
+    if not all(isinstance(record[k], list) and all(isinstance(p, str) for p in record[k]) for k in ("train", "test")):
+        raise ValueError(f"{path}: train and test must be lists of problem strings")
     task = AdditionTask(record["operand_digits"], record["answer_digits"])
-    train = tuple(task.parse(p) for p in record["train"])
-    test = tuple(task.parse(p) for p in record["test"])
+    try:
+        train = tuple(task.parse(p) for p in record["train"])
+        test = tuple(task.parse(p) for p in record["test"])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     if len(train) != record["n_train"] or len(test) != record["n_test"]:
         raise ValueError(f"{path}: problem counts do not match n_train/n_test")
+    if not train or not test:
+        raise ValueError(f"{path}: the split needs at least one training and one held-out problem")
     if set(train) & set(test):
         raise ValueError(f"{path}: {len(set(train) & set(test))} problems are in both train and test")
     if len(set(train)) + len(set(test)) != task.n_problems or len(train) + len(test) != task.n_problems:

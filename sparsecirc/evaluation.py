@@ -8,13 +8,32 @@ import torch
 import torch.nn.functional as F
 
 from .data import VOCAB, AdditionTask
-from .sparse_attention import analysis_gates, sparse_attention
+from .model import task_of
+from .sparse_attention import analysis_run, batch_slices, check_attention_hooks
+
+
+def check_task(model, task: AdditionTask) -> None:
+    """Raise ``ValueError`` unless ``task`` is an :class:`AdditionTask` that fits ``model``
+    (its sequence length is the model's context, its vocabulary the model's)."""
+    check_attention_hooks(model)
+    if not isinstance(task, AdditionTask):
+        raise ValueError(f"task must be an AdditionTask, got {type(task).__name__}")
+    built_for = task_of(model)
+    if built_for is not None and built_for != task:
+        raise ValueError(f"{task.name} does not fit this model: it was built for {built_for.name}")
+    n_ctx, d_vocab = model.cfg.n_ctx, model.cfg.d_vocab
+    if task.seq_len != n_ctx or d_vocab != len(VOCAB):
+        raise ValueError(f"{task.name} (sequence length {task.seq_len}) does not fit this model "
+                         f"(context {n_ctx}, vocabulary {d_vocab}): use the task the model was built for")
 
 
 def answer_logits(model, tokens: torch.Tensor, task: AdditionTask) -> torch.Tensor:
     """Logits at the answer slots: tokens ``[batch, seq_len]`` -> ``[batch, answer_digits, d_vocab]``."""
-    if tokens.ndim != 2 or tokens.shape[1] != task.seq_len:
-        raise ValueError(f"tokens must have shape [batch, {task.seq_len}] for {task.name}, got {list(tokens.shape)}")
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[1] != task.seq_len:
+        raise ValueError(f"tokens must be a tensor of shape [batch, {task.seq_len}] for {task.name}, got "
+                         f"{list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    if tokens.dtype != torch.long or (tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < len(VOCAB))):
+        raise ValueError(f"tokens must be long ids in 0..{len(VOCAB) - 1}, got {tokens.dtype}")
     return model(tokens)[:, task.prompt_len:, :]
 
 
@@ -48,57 +67,49 @@ class Evaluation:
         return result
 
 
-@torch.no_grad()
-def evaluate(model, task: AdditionTask, pairs, batch_size: int = 2500, gate_bias: float | None = None,
-             edge_mask: torch.Tensor | None = None) -> Evaluation:
-    """Evaluate on ``pairs`` (a list of ``(a, b)``). Per-digit accuracy is listed from the most
-    significant answer slot to the units.
+def evaluate(model, task: AdditionTask, pairs, *, gate_bias: float | None = None, dense: bool = False,
+             edge_mask: torch.Tensor | None = None, batch_size: int = 2500) -> Evaluation:
+    """Evaluate on ``pairs`` (a non-empty list of ``(a, b)``). Per-digit accuracy is listed from
+    the most significant answer slot to the units.
 
-    With ``gate_bias`` the model runs with deterministic edge gates (a sparse model) and the
-    result counts the open edges of every input; ``edge_mask`` closes edges on top (ablations).
+    The model runs with its own gating (a sparse model: deterministic gates at its bias) unless
+    asked otherwise (``gate_bias=``, ``dense=True``; see
+    :func:`~sparsecirc.sparse_attention.analysis_run`); ``edge_mask`` closes edges on top
+    (ablations). With gates, the result counts the open edges of every input.
     """
-    pairs = list(pairs)
-    gated = gate_bias is not None or edge_mask is not None
-    was_training = model.training
-    model.eval()
+    check_task(model, task)
+    pairs = task.check_pairs(pairs)
+    slices = batch_slices(len(pairs), batch_size)
     total_loss, correct_digits, correct_exact, failures = 0.0, torch.zeros(task.answer_digits), 0, []
     open_edges = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        tokens, targets = task.batch(chunk)
-        if gated:
-            with analysis_gates(model, gate_bias, edge_mask) as gates:
-                logits = answer_logits(model, tokens, task)
-            open_edges.append(gates.open_edges.sum(-1))  # [batch, layer]
-        else:
+    with analysis_run(model, gate_bias=gate_bias, dense=dense, edge_mask=edge_mask) as gates:
+        counts_edges = gates.mode != "dense" or edge_mask is not None
+        for part in slices:
+            chunk = pairs[part]
+            tokens, targets = task.batch(chunk)
             logits = answer_logits(model, tokens, task)
-        total_loss += answer_loss(logits, targets).item() * len(chunk)
-        predicted = logits.argmax(-1)
-        right = predicted == targets
-        correct_digits += right.float().sum(0)
-        exact = right.all(-1)
-        correct_exact += int(exact.sum())
-        for i in (~exact).nonzero().flatten().tolist():
-            a, b = chunk[i]
-            failures.append((task.format_problem(a, b),
-                             "".join(VOCAB[t] for t in predicted[i].tolist()), task.answer(a, b)))
-    model.train(was_training)
+            if counts_edges:
+                open_edges.append(gates.open_edges.sum(-1))  # [batch, layer]
+            total_loss += answer_loss(logits, targets).item() * len(chunk)
+            predicted = logits.argmax(-1)
+            right = predicted == targets
+            correct_digits += right.float().sum(0)
+            exact = right.all(-1)
+            correct_exact += int(exact.sum())
+            for i in (~exact).nonzero().flatten().tolist():
+                a, b = chunk[i]
+                failures.append((task.format_problem(a, b),
+                                 "".join(VOCAB[t] for t in predicted[i].tolist()), task.answer(a, b)))
     n = len(pairs)
     return Evaluation(n, total_loss / n, correct_exact / n, (correct_digits / n).tolist(), failures,
-                      torch.cat(open_edges) if gated else None)
+                      torch.cat(open_edges) if counts_edges else None)
 
 
-@torch.no_grad()
-def predict(model, task: AdditionTask, problem: str, gate_bias: float | None = None) -> str:
-    """The model's answer digits for one problem string, e.g. ``predict(model, task, "36+28")``;
-    with ``gate_bias``, through deterministic edge gates."""
+def predict(model, task: AdditionTask, problem: str, *, gate_bias: float | None = None, dense: bool = False) -> str:
+    """The model's answer digits for one problem string, e.g. ``predict(model, task, "36+28")``,
+    with its own gating unless asked otherwise (``gate_bias=``, ``dense=True``)."""
+    check_task(model, task)
     tokens, _ = task.batch([task.parse(problem)])
-    was_training = model.training
-    model.eval()
-    if gate_bias is None:
+    with analysis_run(model, gate_bias=gate_bias, dense=dense):
         predicted = answer_logits(model, tokens, task).argmax(-1)[0]
-    else:
-        with sparse_attention(model, "deterministic", gate_bias):
-            predicted = answer_logits(model, tokens, task).argmax(-1)[0]
-    model.train(was_training)
     return "".join(VOCAB[t] for t in predicted.tolist())

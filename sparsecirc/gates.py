@@ -18,7 +18,6 @@ import math
 
 import torch
 
-DEFAULT_BIAS = 4.0  # sigmoid(4) = 0.98: gates start almost all open
 _EPS = 1e-6  # keeps the logistic noise finite
 
 

@@ -9,6 +9,7 @@ from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
 from .data import VOCAB, AdditionTask
+from .sparse_attention import set_gate_bias
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,12 @@ class ModelConfig:
         self.task  # validates the widths
         for name in ("n_layers", "n_heads", "d_head", "d_model", "d_mlp"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.gate_bias is not None and not (isinstance(self.gate_bias, (int, float)) and math.isfinite(self.gate_bias)):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in 0..2**63-1, got {self.seed!r}")
+        if self.gate_bias is not None and (isinstance(self.gate_bias, bool) or not isinstance(self.gate_bias, (int, float))
+                                           or not math.isfinite(self.gate_bias)):
             raise ValueError(f"gate_bias must be None (dense) or a finite number, got {self.gate_bias!r}")
         if self.act_fn not in ("relu", "gelu", "gelu_new", "silu"):
             raise ValueError(f"act_fn must be one of relu, gelu, gelu_new, silu; got {self.act_fn!r}")
@@ -82,7 +86,8 @@ def build_model(config: ModelConfig = ModelConfig()) -> TransformerBridge:
     """A freshly initialised TL-native ``TransformerBridge`` for ``config`` (CPU, float32).
 
     Input ``[batch, seq_len]`` token ids; output logits ``[batch, seq_len, d_vocab=13]``.
-    The same ``config.seed`` gives the same weights without touching the global RNG.
+    The same ``config.seed`` gives the same weights without touching the global RNG. A sparse
+    config (``gate_bias`` set) gives a sparse model: every forward pass runs with its gates.
     """
     bridge_config = TransformerBridgeConfig(
         n_layers=config.n_layers,
@@ -96,7 +101,18 @@ def build_model(config: ModelConfig = ModelConfig()) -> TransformerBridge:
         normalization_type="LN",
         seed=config.seed,
     )
-    return TransformerBridge.boot_native(bridge_config)
+    model = TransformerBridge.boot_native(bridge_config)
+    model.__dict__[_TASK_ATTRIBUTE] = config.task  # the analysis functions check the task they are given
+    set_gate_bias(model, config.gate_bias)
+    return model
+
+
+_TASK_ATTRIBUTE = "_sparsecirc_task"
+
+
+def task_of(model) -> AdditionTask | None:
+    """The task ``model`` was built for by :func:`build_model` (``None`` for any other model)."""
+    return getattr(model, "__dict__", {}).get(_TASK_ATTRIBUTE)
 
 
 def count_parameters(model) -> int:

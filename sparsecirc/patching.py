@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import AdditionTask
-from .sparse_attention import analysis_gates
+from .sparse_attention import analysis_run
 
 
 @dataclass(frozen=True)
@@ -94,10 +94,10 @@ def logit_difference(answer_logits: torch.Tensor, clean_targets: torch.Tensor,
     return (gap * differs).sum(-1) / differs.sum(-1)
 
 
-@torch.no_grad()
-def record_attention(model, tokens: torch.Tensor, gate_bias: float | None = None) -> dict:
+def record_attention(model, tokens: torch.Tensor, *, gate_bias: float | None = None, dense: bool = False) -> dict:
     """Gated attention pattern ``A [batch, layer, head, q, k]``, values ``v [batch, layer, pos, head,
-    d_head]`` and MLP outputs ``mlp [batch, layer, pos, d_model]`` of a run, and its ``logits``."""
+    d_head]`` and MLP outputs ``mlp [batch, layer, pos, d_model]`` of a run, and its ``logits``.
+    The model runs with its own gating unless asked otherwise (``gate_bias=``, ``dense=True``)."""
     n_layers = model.cfg.n_layers
     record = {"A": [None] * n_layers, "v": [None] * n_layers, "mlp": [None] * n_layers}
 
@@ -110,15 +110,15 @@ def record_attention(model, tokens: torch.Tensor, gate_bias: float | None = None
     for layer in range(n_layers):
         hooks += [(f"blocks.{layer}.attn.hook_pattern", keep("A", layer)), (f"blocks.{layer}.attn.hook_v", keep("v", layer)),
                   (f"blocks.{layer}.hook_mlp_out", keep("mlp", layer))]
-    with analysis_gates(model, gate_bias):
-        with model.hooks(fwd_hooks=hooks):  # added after the gates: they see the gated pattern
+    with analysis_run(model, gate_bias=gate_bias, dense=dense):
+        with model.hooks(fwd_hooks=hooks):  # the gates fire first: these hooks see the gated pattern
             logits = model(tokens)
     return {kind: torch.stack(values, dim=1) for kind, values in record.items()} | {"logits": logits}
 
 
-@torch.no_grad()
 def patched_logits(model, tokens: torch.Tensor, corrupted: dict, keep: torch.Tensor,
-                   keep_mlp: torch.Tensor | None = None, gate_bias: float | None = None) -> torch.Tensor:
+                   keep_mlp: torch.Tensor | None = None, *, gate_bias: float | None = None,
+                   dense: bool = False) -> torch.Tensor:
     """Logits of the clean ``tokens [pair, pos]`` with patches, for several variants at once.
 
     ``corrupted``: :func:`record_attention` of the corrupted tokens. ``keep [variant, layer, head,
@@ -128,8 +128,13 @@ def patched_logits(model, tokens: torch.Tensor, corrupted: dict, keep: torch.Ten
     """
     n_variants, n_pairs = keep.shape[0], tokens.shape[0]
     n_layers = model.cfg.n_layers
-    if keep.shape[1:] != (n_layers, model.cfg.n_heads, tokens.shape[1], tokens.shape[1]):
+    if keep.ndim != 5 or keep.shape[1:] != (n_layers, model.cfg.n_heads, tokens.shape[1], tokens.shape[1]):
         raise ValueError(f"keep must be [variant, layer, head, query, key] for this model, got {list(keep.shape)}")
+    if keep_mlp is not None and tuple(keep_mlp.shape) != (n_variants, n_layers):
+        raise ValueError(f"keep_mlp must be [variant, layer] = {[n_variants, n_layers]}, got {list(keep_mlp.shape)}")
+    for name, mask in (("keep", keep), ("keep_mlp", keep_mlp)):
+        if mask is not None and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"{name} must hold only 0 (patch in the corrupted value) and 1 (keep the run's own)")
     keep = keep.float().repeat_interleave(n_pairs, dim=0)  # [variant * pair, layer, head, q, k]
     keep_mlp = None if keep_mlp is None else keep_mlp.float().repeat_interleave(n_pairs, dim=0)
     tile = lambda t: t.repeat(n_variants, *[1] * (t.ndim - 1))  # noqa: E731  (pairs -> variants x pairs)
@@ -161,6 +166,6 @@ def patched_logits(model, tokens: torch.Tensor, corrupted: dict, keep: torch.Ten
                   (f"blocks.{layer}.attn.hook_z", mix_z(layer))]
         if keep_mlp is not None:
             hooks.append((f"blocks.{layer}.hook_mlp_out", mix_mlp(layer)))
-    with analysis_gates(model, gate_bias):
+    with analysis_run(model, gate_bias=gate_bias, dense=dense):
         with model.hooks(fwd_hooks=hooks):
             return model(tokens.repeat(n_variants, 1))

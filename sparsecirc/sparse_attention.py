@@ -1,29 +1,40 @@
-"""Edge-level gating of attention through TransformerLens hooks.
+"""Edge-level gating of attention through TransformerLens hooks; a sparse model carries its own.
 
-``with sparse_attention(model, mode="sample", bias=4.0) as gates:`` hooks every attention layer
-of a ``TransformerBridge``; inside, each forward pass multiplies every head's attention pattern
-by one gate per (query, key) edge, with no renormalisation::
+Each forward pass multiplies every head's attention pattern by one gate per (query, key) edge,
+with no renormalisation::
 
     out_i = sum_j softmax(scores)_ij * m_ij * v_j
 
-The gate logits are computed from ``hook_q`` and ``hook_k`` (``q.k / sqrt(d_head) + bias``),
+The gate logits are computed from ``hook_q`` and ``hook_k`` (``q.k / sqrt(d_head) + gate_bias``),
 and the gated pattern is returned from ``hook_pattern``. (``hook_attn_scores`` cannot be used:
 on a ``boot_native`` bridge it fires after the softmax and edits returned there are dropped.)
-All hooks are removed when the block exits, also when an exception is raised inside it.
 
-Modes: ``"sample"`` (hard Bernoulli gates, straight-through gradient: training),
-``"deterministic"`` (open iff logit > 0: evaluation), ``"dense"`` (no gates). Any mode takes a
-fixed ``edge_mask`` on top, built with :func:`mask_closing` or :func:`mask_keeping`.
+A *sparse model* is its gates: :func:`set_gate_bias` (called by ``build_model`` and
+``load_checkpoint`` for a sparse config, and by ``sparsify`` when it ends) attaches permanent
+hooks, so every forward pass, ``model(tokens)`` and ``model.run_with_cache(tokens)`` included,
+runs with deterministic gates at the model's own bias. The hooks fire before any other hook on
+the same point, so caches and patches see the gated pattern.
+
+``with sparse_attention(model, mode) as gates:`` gates differently for the length of a block,
+and ``gates`` records what the gates did. Modes: ``"sample"`` (hard Bernoulli gates,
+straight-through gradient: training), ``"deterministic"`` (open iff logit > 0: evaluation),
+``"dense"`` (no gates: the only way to run a sparse model's weights ungated, asked for by
+name). Any mode takes a fixed ``edge_mask`` of 0s and 1s on top, built with
+:func:`mask_closing` or :func:`mask_keeping`. Blocks do not nest.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import operator
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from .gates import DEFAULT_BIAS, causal_mask, deterministic_gates, expected_edges, gate_logits, sample_gates
+from .gates import causal_mask, deterministic_gates, expected_edges, gate_logits, sample_gates
 
 MODES = ("sample", "deterministic", "dense")
 
@@ -37,6 +48,17 @@ class Edge:
     query: int
     key: int
 
+    def __post_init__(self):
+        for name in ("layer", "head", "query", "key"):
+            value = getattr(self, name)
+            try:
+                number = None if isinstance(value, bool) else operator.index(value)
+            except TypeError:
+                number = None
+            if number is None or number < 0:
+                raise ValueError(f"Edge {name} must be a non-negative int, got {value!r}")
+            object.__setattr__(self, name, number)
+
 
 def attention_shape(model) -> tuple[int, int, int]:
     """``(n_layers, n_heads, n_ctx)`` of a bridge."""
@@ -44,7 +66,11 @@ def attention_shape(model) -> tuple[int, int, int]:
 
 
 def check_attention_hooks(model) -> None:
-    """Raise ``ValueError`` if any layer lacks ``hook_q``, ``hook_k`` or ``hook_pattern``."""
+    """Raise ``ValueError`` unless ``model`` is a TransformerLens bridge whose every layer has
+    ``hook_q``, ``hook_k`` and ``hook_pattern``."""
+    if not hasattr(model, "cfg") or not hasattr(model, "hook_dict"):
+        raise ValueError(f"edge gating needs a TransformerLens TransformerBridge (see build_model), "
+                         f"got {type(model).__name__}")
     n_layers = model.cfg.n_layers
     needed = [f"blocks.{l}.attn.{h}" for l in range(n_layers) for h in ("hook_q", "hook_k", "hook_pattern")]
     missing = [name for name in needed if name not in model.hook_dict]
@@ -69,6 +95,10 @@ def _edge_mask(model, edges, background: float) -> torch.Tensor:
     n_layers, n_heads, n_ctx = attention_shape(model)
     mask = torch.full((n_layers, n_heads, n_ctx, n_ctx), background)
     for edge in edges:
+        if not isinstance(edge, Edge):
+            if not isinstance(edge, (tuple, list)) or len(edge) != 4:
+                raise ValueError(f"edges must be Edge(layer, head, query, key) or 4-tuples, got {edge!r}")
+            edge = Edge(*edge)
         check_edge(model, edge)
         mask[edge.layer, edge.head, edge.query, edge.key] = 1.0 - background
     return mask
@@ -85,30 +115,58 @@ def mask_keeping(model, edges) -> torch.Tensor:
 
 
 class EdgeGates:
-    """What the gates did in the latest forward pass inside a :func:`sparse_attention` block.
+    """What the gates did in the latest forward pass: per layer, the gate logits, the gates
+    applied and the softmax pattern; the properties stack them over layers. One is yielded by
+    every :func:`sparse_attention` block."""
 
-    Per layer, the hooks store the gate logits and the gates applied; the properties stack them.
-    """
-
-    def __init__(self, mode: str, bias: float, n_layers: int, n_heads: int):
-        self.mode, self.bias, self.n_layers, self.n_heads = mode, bias, n_layers, n_heads
+    def __init__(self, mode: str, gate_bias: float | None, n_layers: int, n_heads: int,
+                 edge_mask: torch.Tensor | None = None, generator: torch.Generator | None = None, record: bool = True):
+        self.mode, self.gate_bias, self.n_layers, self.n_heads = mode, gate_bias, n_layers, n_heads
+        self.edge_mask, self.generator, self.record = edge_mask, generator, record
         self._q: list[torch.Tensor | None] = [None] * n_layers
         self._k: list[torch.Tensor | None] = [None] * n_layers
         self._logits: list[torch.Tensor | None] = [None] * n_layers
         self._masks: list[torch.Tensor | None] = [None] * n_layers
         self._patterns: list[torch.Tensor | None] = [None] * n_layers
 
+    def gate(self, layer: int, pattern: torch.Tensor) -> torch.Tensor:
+        """The gated ``pattern [batch, head, query, key]`` of ``layer``; records what it did."""
+        n_pos = pattern.shape[-1]
+        if self.mode == "dense":
+            mask = causal_mask(n_pos, pattern.device).to(pattern.dtype).expand_as(pattern)
+        else:
+            logits = gate_logits(self._q[layer], self._k[layer], self.gate_bias)
+            mask = sample_gates(logits, self.generator) if self.mode == "sample" else deterministic_gates(logits)
+        if self.edge_mask is not None:
+            mask = mask * self.edge_mask[..., layer, :, :n_pos, :n_pos].to(pattern.dtype)
+        self._q[layer] = self._k[layer] = None
+        if self.record:  # a model's own gates record nothing: no tensors (or graphs) outlive the pass
+            if self.mode != "dense":
+                self._logits[layer] = logits
+            self._masks[layer] = mask * causal_mask(n_pos, pattern.device)  # recorded gates: causal pairs only
+            self._patterns[layer] = pattern.detach()
+        return pattern * mask
+
     def _stacked(self, items, what):
         if any(item is None for item in items):
             raise RuntimeError(f"no {what} recorded yet: run a forward pass inside the sparse_attention block")
         return torch.stack(items, dim=1)
 
+    def _require_logits(self) -> torch.Tensor:
+        if self.mode == "dense":
+            raise RuntimeError("dense mode computes no gate logits")
+        return self._stacked(self._logits, "gate logits")
+
+    @property
+    def raw_logits(self) -> torch.Tensor:
+        """Gate logits ``[batch, layer, head, query, key]`` as computed, with gradient; off the
+        causal triangle the values are meaningless (see :func:`~sparsecirc.gates.gate_logits`)."""
+        return self._require_logits()
+
     @property
     def logits(self) -> torch.Tensor:
         """Gate logits ``[batch, layer, head, query, key]``, ``-inf`` off the causal triangle."""
-        if self.mode == "dense":
-            raise RuntimeError("dense mode computes no gate logits")
-        logits = self._stacked(self._logits, "gate logits")
+        logits = self._require_logits()
         return logits.masked_fill(~causal_mask(logits.shape[-1], logits.device), float("-inf"))
 
     @property
@@ -120,9 +178,7 @@ class EdgeGates:
     def expected_edges(self) -> torch.Tensor:
         """Expected open edges ``[batch, layer, head]``: sum of sigmoid(logit) over causal pairs.
         Differentiable: this is the sparsity penalty."""
-        if self.mode == "dense":
-            raise RuntimeError("dense mode computes no gate logits")
-        return expected_edges(self._stacked(self._logits, "gate logits"))
+        return expected_edges(self._require_logits())
 
     @property
     def weights(self) -> torch.Tensor:
@@ -141,75 +197,223 @@ class EdgeGates:
         return [Edge(*map(int, w)) for w in where]
 
 
-@contextmanager
-def sparse_attention(model, mode: str = "deterministic", bias: float = DEFAULT_BIAS,
-                     edge_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """Gate every attention edge of ``model`` inside the ``with`` block; yields :class:`EdgeGates`.
+class _ModelGating:
+    """The permanent gating hooks of one model and what they do now: the open
+    :func:`sparse_attention` block's gates if there is one, else deterministic gates at the
+    model's own ``gate_bias`` (a sparse model), else nothing (a dense model)."""
 
-    ``edge_mask``: optional ``[layer, head, query, key]`` or ``[batch, layer, head, query, key]``
-    tensor multiplied into the gates (see :func:`mask_closing`, :func:`mask_keeping`).
-    ``generator`` seeds the gate samples in ``"sample"`` mode.
+    def __init__(self, model, gate_bias: float | None = None):
+        self.n_layers, self.n_heads, _ = attention_shape(model)
+        self.owner = weakref.ref(model)
+        self.block: EdgeGates | None = None
+        self.handles: list[tuple] = []  # (hook point, LensHandle, stores q or k: kept last on its point)
+        self.set_gate_bias(gate_bias)
+
+    def active(self) -> EdgeGates | None:
+        return self.block if self.block is not None else self.own
+
+    def set_gate_bias(self, gate_bias: float | None) -> None:
+        self.gate_bias = gate_bias
+        self.own = None if gate_bias is None else EdgeGates("deterministic", gate_bias, self.n_layers, self.n_heads,
+                                                            record=False)
+
+    def attach(self, model) -> None:
+        """Add the hooks: on ``hook_q`` and ``hook_k`` they store q and k, on ``hook_pattern``
+        (first of its hooks) they gate the pattern."""
+        for layer in range(self.n_layers):
+            for name, hook in zip(("hook_q", "hook_k", "hook_pattern"), self._hooks(layer)):
+                point = model.hook_dict[f"blocks.{layer}.attn.{name}"]
+                handle = point.add_hook(hook, is_permanent=True, prepend=name == "hook_pattern")
+                self.handles.append((point, handle, name != "hook_pattern"))
+
+    def attached(self) -> bool:
+        return all(handle in point.fwd_hooks and handle.hook.id in point._forward_hooks
+                   for point, handle, _ in self.handles)
+
+    def keep_stores_last(self) -> None:
+        """Move the q/k store hooks behind any hook added since, so the gate logits read q and k
+        as the other hooks left them (a patched q changes the gates as it changes the softmax)."""
+        for point, handle, stores in self.handles:
+            if stores and next(reversed(point._forward_hooks)) != handle.hook.id:
+                point._forward_hooks.move_to_end(handle.hook.id)
+
+    def _hooks(self, layer: int):
+        def store_q(q, hook):
+            gates = self.active()
+            if gates is not None and gates.mode != "dense":
+                gates._q[layer] = q
+
+        def store_k(k, hook):
+            gates = self.active()
+            if gates is not None and gates.mode != "dense":
+                gates._k[layer] = k
+
+        def gate_pattern(pattern, hook):  # pattern: [batch, head, query, key]
+            gates = self.active()
+            return None if gates is None else gates.gate(layer, pattern)
+
+        for hook in (store_q, store_k, gate_pattern):
+            hook._sparsecirc_gate = True
+        return store_q, store_k, gate_pattern
+
+
+_GATING_ATTRIBUTE = "_sparsecirc_gating"
+
+
+def _hook_points(model):
+    return {id(point): point for point in model.hook_dict.values()}.values()  # hook_dict also holds aliases
+
+
+def _before_forward(model, args) -> None:
+    """A forward pre-hook on the whole model (a torch hook: TransformerLens' ``reset_hooks``
+    leaves it alone) for ``model(tokens)``."""
+    _gating(model, create=False)
+
+
+def _before_blocks(model_ref, block, args) -> None:
+    """The same on the first block, for ``run_with_cache`` and ``run_with_hooks``, which call
+    ``model.forward`` directly."""
+    model = model_ref()
+    if model is not None:
+        _gating(model, create=False)
+
+
+def _gating(model, create: bool = True) -> _ModelGating | None:
+    """The model's gating, with its hooks attached (permanent) on first use. Repaired where it
+    was broken: gating hooks removed (``reset_hooks(including_permanent=True)``) come back, and
+    a ``copy.deepcopy`` of a model, whose copied hooks still serve the original, gets its own."""
+    gating = model.__dict__.get(_GATING_ATTRIBUTE)
+    if gating is None and not create:
+        return None
+    if gating is None or gating.owner() is not model or not gating.attached():
+        check_attention_hooks(model)
+        for point in _hook_points(model):  # drop hooks that serve another model's gating
+            for handle in [h for h in point.fwd_hooks if getattr(h.user_hook, "_sparsecirc_gate", False)]:
+                point._forward_hooks.pop(handle.hook.id, None)
+                point.fwd_hooks.remove(handle)
+        gating = _ModelGating(model, None if gating is None else gating.gate_bias)
+        gating.attach(model)
+        model.__dict__[_GATING_ATTRIBUTE] = gating
+        if _before_forward not in model._forward_pre_hooks.values():
+            model.register_forward_pre_hook(_before_forward)
+        first_block = model.blocks[0]
+        for key, hook in list(first_block._forward_pre_hooks.items()):
+            if getattr(hook, "_sparsecirc_gate", False):  # a copied model's hook still points at the original
+                del first_block._forward_pre_hooks[key]
+        hook = functools.partial(_before_blocks, weakref.ref(model))
+        hook._sparsecirc_gate = True
+        first_block.register_forward_pre_hook(hook)
+    gating.keep_stores_last()
+    return gating
+
+
+def _check_gate_bias(gate_bias) -> float:
+    if isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float)) or not math.isfinite(gate_bias):
+        raise ValueError(f"gate_bias must be a finite number, got {gate_bias!r}")
+    return float(gate_bias)
+
+
+def gate_bias_of(model) -> float | None:
+    """The model's own gate bias: a number for a sparse model, ``None`` for a dense one."""
+    gating = getattr(model, "__dict__", {}).get(_GATING_ATTRIBUTE)
+    return None if gating is None else gating.gate_bias
+
+
+def set_gate_bias(model, gate_bias: float | None) -> None:
+    """Make ``model`` a sparse model gated at ``gate_bias`` on every forward pass from now on
+    (deterministic gates), or, with ``None``, a dense model again."""
+    if gate_bias is not None:
+        gate_bias = _check_gate_bias(gate_bias)
+    if gate_bias is None and gate_bias_of(model) is None:
+        return
+    gating = _gating(model)
+    if gating.block is not None:
+        raise ValueError("cannot change the gate bias inside a sparse_attention block")
+    gating.set_gate_bias(gate_bias)
+
+
+def check_edge_mask(model, edge_mask: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``edge_mask`` is a ``[layer, head, query, key]`` (optionally
+    ``[batch, ...]``) tensor of 0s and 1s for ``model``."""
+    n_layers, n_heads, n_ctx = attention_shape(model)
+    expected_tail = (n_layers, n_heads, n_ctx, n_ctx)
+    if not isinstance(edge_mask, torch.Tensor):
+        raise ValueError(f"edge_mask must be a tensor, got {type(edge_mask).__name__}")
+    if edge_mask.ndim not in (4, 5) or tuple(edge_mask.shape[-4:]) != expected_tail:
+        raise ValueError(f"edge_mask must have shape [layer, head, query, key] = {list(expected_tail)} "
+                         f"(optionally with a leading batch dim), got {list(edge_mask.shape)}")
+    if not ((edge_mask == 0) | (edge_mask == 1)).all():
+        raise ValueError("edge_mask must hold only 0 (closed) and 1 (open); build it with mask_closing or mask_keeping")
+
+
+@contextmanager
+def sparse_attention(model, mode: str = "deterministic", gate_bias: float | None = None,
+                     edge_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """Gate every attention edge of ``model`` as ``mode`` says inside the ``with`` block; yields
+    :class:`EdgeGates`. On exit the model's own gating is back, also after an exception.
+
+    ``gate_bias``: default the model's own (a sparse model); a dense model has none, so gating
+    it needs one given by name (the recipe's is ``SparsifyConfig().gate_bias``). ``"dense"``
+    mode takes none. ``edge_mask``: optional ``[layer, head, query, key]`` or ``[batch, layer,
+    head, query, key]`` tensor of 0s and 1s multiplied into the gates (see :func:`mask_closing`,
+    :func:`mask_keeping`). ``generator`` seeds the gate samples in ``"sample"`` mode.
     """
     if mode not in MODES:
         raise ValueError(f"unknown gating mode {mode!r}; choose one of {MODES}")
-    bias = float(bias)
-    if not torch.isfinite(torch.tensor(bias)):
-        raise ValueError(f"gate bias must be a finite number, got {bias}")
     check_attention_hooks(model)
-    n_layers, n_heads, n_ctx = attention_shape(model)
     if edge_mask is not None:
-        expected_tail = (n_layers, n_heads, n_ctx, n_ctx)
-        if edge_mask.ndim not in (4, 5) or tuple(edge_mask.shape[-4:]) != expected_tail:
-            raise ValueError(f"edge_mask must have shape [layer, head, query, key] = {list(expected_tail)} "
-                             f"(optionally with a leading batch dim), got {list(edge_mask.shape)}")
-    gates = EdgeGates(mode, bias, n_layers, n_heads)
-
-    def store_q(layer):
-        def hook(q, hook):
-            gates._q[layer] = q
-        return hook
-
-    def store_k(layer):
-        def hook(k, hook):
-            gates._k[layer] = k
-        return hook
-
-    def gate_pattern(layer):
-        def hook(pattern, hook):  # pattern: [batch, head, query, key]
-            n_pos = pattern.shape[-1]
-            if mode == "dense":
-                mask = causal_mask(n_pos, pattern.device).to(pattern.dtype).expand_as(pattern)
-            else:
-                logits = gate_logits(gates._q[layer], gates._k[layer], bias)
-                gates._logits[layer] = logits
-                mask = sample_gates(logits, generator) if mode == "sample" else deterministic_gates(logits)
-            if edge_mask is not None:
-                fixed = edge_mask[..., layer, :, :n_pos, :n_pos].to(pattern.dtype)
-                mask = mask * fixed
-            gates._masks[layer] = mask * causal_mask(n_pos, pattern.device)  # recorded gates: causal pairs only
-            gates._patterns[layer] = pattern.detach()
-            gates._q[layer] = gates._k[layer] = None
-            return pattern * mask
-        return hook
-
-    fwd_hooks = []
-    for layer in range(n_layers):
-        if mode != "dense":
-            fwd_hooks += [(f"blocks.{layer}.attn.hook_q", store_q(layer)),
-                          (f"blocks.{layer}.attn.hook_k", store_k(layer))]
-        fwd_hooks.append((f"blocks.{layer}.attn.hook_pattern", gate_pattern(layer)))
-    with model.hooks(fwd_hooks=fwd_hooks):
-        yield gates
+        check_edge_mask(model, edge_mask)
+    if mode == "dense":
+        if gate_bias is not None:
+            raise ValueError("dense mode runs without gates and takes no gate_bias")
+    elif gate_bias is None:
+        gate_bias = gate_bias_of(model)
+        if gate_bias is None:
+            raise ValueError(f"{mode} gates on a dense model need a gate_bias: pass gate_bias= "
+                             f"(the recipe's is SparsifyConfig().gate_bias)")
+    else:
+        gate_bias = _check_gate_bias(gate_bias)
+    gating = _gating(model)
+    if gating.block is not None:
+        raise ValueError("sparse_attention blocks do not nest: this model is already inside one. Close it first; "
+                         "predict, evaluate, circuit_graph and the other analysis functions open their own, so "
+                         "call them outside it and choose the gating with dense=True or gate_bias=")
+    n_layers, n_heads, _ = attention_shape(model)
+    gating.block = EdgeGates(mode, gate_bias, n_layers, n_heads, edge_mask, generator)
+    try:
+        yield gating.block
+    finally:
+        gating.block = None
 
 
-def analysis_gates(model, gate_bias: float | None = None, edge_mask: torch.Tensor | None = None):
-    """The gating a trained model is analysed with: deterministic gates at ``gate_bias`` (a sparse
-    model) or none (``gate_bias=None``, a dense model), with ``edge_mask`` closing edges on top."""
-    if gate_bias is None:
-        return sparse_attention(model, "dense", edge_mask=edge_mask)
-    return sparse_attention(model, "deterministic", gate_bias, edge_mask)
+@contextmanager
+def analysis_run(model, *, gate_bias: float | None = None, dense: bool = False,
+                 edge_mask: torch.Tensor | None = None):
+    """Run ``model`` for analysis inside the block: eval mode, no gradient, and its gating, as
+    :class:`EdgeGates` records. The gating is the model's own (deterministic gates at its bias
+    for a sparse model, none for a dense one) unless asked otherwise by name: ``gate_bias=``
+    gates at that bias, ``dense=True`` runs without gates. ``edge_mask`` closes edges on top.
+    The model's train/eval mode is restored on exit, also after an exception."""
+    if not isinstance(dense, bool):
+        raise ValueError(f"dense must be True or False, got {dense!r}")
+    if dense and gate_bias is not None:
+        raise ValueError("pass either dense=True (no gates) or a gate_bias, not both")
+    if edge_mask is not None and isinstance(edge_mask, torch.Tensor) and edge_mask.ndim != 4:
+        raise ValueError(f"edge_mask must be one [layer, head, query, key] mask for every input here, got shape "
+                         f"{list(edge_mask.shape)}")
+    gated = not dense and (gate_bias is not None or gate_bias_of(model) is not None)
+    mode = "deterministic" if gated else "dense"
+    was_training = model.training
+    try:
+        with torch.no_grad(), sparse_attention(model, mode, gate_bias if gated else None, edge_mask) as gates:
+            model.eval()
+            yield gates
+    finally:
+        model.train(was_training)
 
 
-def attached_hook_count(model) -> int:
-    """Forward and backward hooks attached to any hook point of ``model`` (0 when clean)."""
-    return sum(len(point._forward_hooks) + len(point._backward_hooks) for point in model.hook_dict.values())
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """``slice``s covering ``range(n)`` in batches of ``batch_size`` (a positive int)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return [slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]

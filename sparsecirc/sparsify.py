@@ -18,16 +18,16 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .circuit import edge_usage
 from .data import AdditionSplit
-from .evaluation import answer_logits, answer_loss, evaluate
-from .sparse_attention import sparse_attention
-from .training import PROGRESS_INTERVAL
+from .evaluation import answer_logits, answer_loss, check_task, evaluate
+from .sparse_attention import gate_bias_of, set_gate_bias, sparse_attention
+from .training import PROGRESS_INTERVAL, check_field_types
 
 PUSH_TOLERANCE = 0.1  # closed gates: relu(logit + margin), summed per input, may average this much
 
@@ -96,12 +96,9 @@ class SparsifyConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_field_types(self)
         if not 0 <= self.select_accuracy <= 1:
             raise ValueError(f"select_accuracy must be in [0, 1], got {self.select_accuracy}")
-        not_finite = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)
-                      and not math.isfinite(getattr(self, f.name))]
-        if not_finite:
-            raise ValueError(f"{', '.join(not_finite)} must be finite numbers: {self}")
         if self.lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1:
             raise ValueError(f"lr, batch_size, steps and eval_every must be positive: {self}")
         if not 0 <= self.decay_fraction <= 1 or not 0 < self.final_lr_scale <= 1:
@@ -196,13 +193,13 @@ def sparsify_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor,
     loss, where ``push``, ``relu(logit + margin)`` summed per input, is ``closed_push`` in the
     result (0 once every closed logit is below the margin)."""
     edge_mask = None if closed is None else (~closed).float()
-    with sparse_attention(model, "sample", gate_bias, edge_mask=edge_mask, generator=generator) as gates:
+    with sparse_attention(model, "sample", gate_bias=gate_bias, edge_mask=edge_mask, generator=generator) as gates:
         ce = answer_loss(answer_logits(model, tokens, task), targets)
         expected = gates.expected_edges.sum(dim=(1, 2)).mean()
         sampled = gates.open_edges.sum(dim=(1, 2)).mean()
         push = torch.zeros(())
         if closed is not None:
-            logits = gates._stacked(gates._logits, "gate logits")  # [batch, layer, head, query, key]
+            logits = gates.raw_logits  # [batch, layer, head, query, key]
             push = (torch.relu(logits + margin) * closed).sum(dim=(1, 2, 3, 4)).mean()
     loss = expected + closed_weight * push + multiplier * (ce - tau)
     optimizer.zero_grad(set_to_none=True)
@@ -226,9 +223,14 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     ``multiplier``, ``constraint_ema``, ``expected_edges`` and ``sampled_edges`` per input), and
     on evaluation steps also the deterministic-gate ``train_exact_match``, ``train_edges``,
     ``test_exact_match``, ``test_loss`` and ``test_edges`` (edges: mean per input). The model is
-    left in the selected state (see :class:`SparsifyConfig`); its step is the last row's ``selected_step``.
+    left in the selected state (see :class:`SparsifyConfig`), its step the last row's ``selected_step``,
+    and is a sparse model from then on: every forward pass runs with its gates at ``config.gate_bias``.
     """
+    if gate_bias_of(model) is not None:
+        raise ValueError(f"this model is already sparse (gate_bias {gate_bias_of(model)}); sparsify starts from a "
+                         f"dense base model")
     task = split.task
+    check_task(model, task)
     base = base_loss(model, split) if base is None else base
     tokens, targets = task.batch(list(split.train))
     batch_generator = torch.Generator().manual_seed(config.seed)
@@ -243,41 +245,42 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     multiplier = LagrangeMultiplier(config.tau(base, 1), config.multiplier_init, config.multiplier_lr,
                                     config.constraint_ema, config.multiplier_min, config.multiplier_max)
     history, start, best, closed = [], time.perf_counter(), None, None
-    model.train()
-    bar = tqdm(range(1, config.steps + 1), desc="sparsifying", disable=not progress, mininterval=PROGRESS_INTERVAL)
-    for step in bar:
-        index = torch.randint(len(tokens), (config.batch_size,), generator=batch_generator)
-        lam, multiplier.tau = multiplier.value, config.tau(base, step)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * config.lr_scale(step)
-        stats = sparsify_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias, lam,
-                              multiplier.tau, gate_generator, closed, config.prune_margin, push_multiplier.value)
-        multiplier.update(stats["ce"])
-        if closed is not None:
-            stats["push_multiplier"] = push_multiplier.value
-            push_multiplier.update(stats["closed_push"])
-        row = {"step": step, "seconds": time.perf_counter() - start, "lr": optimizer.param_groups[0]["lr"],
-               "tau": multiplier.tau, "multiplier": lam, "constraint_ema": multiplier.constraint_ema, **stats}
-        if config.prunes_at(step):
-            keep = None if closed is None else (~closed).float()
-            _, mass = edge_usage(model, task, split.train, config.gate_bias, edge_mask=keep)
-            closed = duplicate_edges(mass) if closed is None else closed | duplicate_edges(mass)
-            row["closed_edges"] = int(closed.sum())
-            model.train()
-        if config.evaluates_at(step):
-            on_train = evaluate(model, task, split.train, gate_bias=config.gate_bias)
-            on_test = evaluate(model, task, split.test, gate_bias=config.gate_bias)
-            row.update(train_exact_match=on_train.exact_match, train_edges=on_train.mean_open_edges,
-                       test_exact_match=on_test.exact_match, test_loss=on_test.loss, test_edges=on_test.mean_open_edges)
-            if on_train.exact_match >= config.select_accuracy and (best is None or on_train.mean_open_edges <= best[0]):
-                best = (on_train.mean_open_edges, step, copy.deepcopy(model.state_dict()))
-            bar.set_postfix(ce=f"{stats['ce']:.3f}", lam=f"{lam:.2g}", edges=f"{on_train.mean_open_edges:.1f}",
-                            acc=f"{on_train.exact_match:.4f}")
-            model.train()
-        history.append(row)
-    bar.close()
-    if best is not None:
-        model.load_state_dict(best[2])
-    history[-1]["selected_step"] = best[1] if best is not None else config.steps
-    model.eval()
+    try:
+        model.train()
+        bar = tqdm(range(1, config.steps + 1), desc="sparsifying", disable=not progress, mininterval=PROGRESS_INTERVAL)
+        for step in bar:
+            index = torch.randint(len(tokens), (config.batch_size,), generator=batch_generator)
+            lam, multiplier.tau = multiplier.value, config.tau(base, step)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * config.lr_scale(step)
+            stats = sparsify_step(model, optimizer, tokens[index], targets[index], task, config.gate_bias, lam,
+                                  multiplier.tau, gate_generator, closed, config.prune_margin, push_multiplier.value)
+            multiplier.update(stats["ce"])
+            if closed is not None:
+                stats["push_multiplier"] = push_multiplier.value
+                push_multiplier.update(stats["closed_push"])
+            row = {"step": step, "seconds": time.perf_counter() - start, "lr": optimizer.param_groups[0]["lr"],
+                   "tau": multiplier.tau, "multiplier": lam, "constraint_ema": multiplier.constraint_ema, **stats}
+            if config.prunes_at(step):
+                keep = None if closed is None else (~closed).float()
+                _, mass = edge_usage(model, task, split.train, gate_bias=config.gate_bias, edge_mask=keep)
+                closed = duplicate_edges(mass) if closed is None else closed | duplicate_edges(mass)
+                row["closed_edges"] = int(closed.sum())
+            if config.evaluates_at(step):
+                on_train = evaluate(model, task, split.train, gate_bias=config.gate_bias)
+                on_test = evaluate(model, task, split.test, gate_bias=config.gate_bias)
+                row.update(train_exact_match=on_train.exact_match, train_edges=on_train.mean_open_edges,
+                           test_exact_match=on_test.exact_match, test_loss=on_test.loss, test_edges=on_test.mean_open_edges)
+                if on_train.exact_match >= config.select_accuracy and (best is None or on_train.mean_open_edges <= best[0]):
+                    best = (on_train.mean_open_edges, step, copy.deepcopy(model.state_dict()))
+                bar.set_postfix(ce=f"{stats['ce']:.3f}", lam=f"{lam:.2g}", edges=f"{on_train.mean_open_edges:.1f}",
+                                acc=f"{on_train.exact_match:.4f}")
+            history.append(row)
+        bar.close()
+        if best is not None:
+            model.load_state_dict(best[2])
+        history[-1]["selected_step"] = best[1] if best is not None else config.steps
+    finally:  # also when interrupted: the half-trained model is sparse, never silently dense
+        set_gate_bias(model, config.gate_bias)  # from now on a sparse model: every forward pass is gated
+        model.eval()
     return history

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import AdditionSplit
-from .evaluation import answer_logits, answer_loss, evaluate
+from .evaluation import answer_logits, answer_loss, check_task, evaluate
+from .sparse_attention import gate_bias_of
 
 # Seconds between progress-bar refreshes. In a notebook every refresh is a widget message; a
 # minutes-long loop at tqdm's default (0.1 s) sends thousands while nbval waits for the cell to
 # finish, and on a slow machine nbval then failed notebook 03 with "Timeout of 5 seconds
 # exceeded waiting for output" (most likely a full message queue dropped the final message).
 PROGRESS_INTERVAL = 2.0
+
+
+def check_field_types(config) -> None:
+    """Raise ``ValueError`` unless every field of the dataclass ``config`` annotated ``int`` holds
+    an int and every ``float`` field a finite int or float (bools are neither)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind = (float, int) if f.type == "float" else int if f.type == "int" else None
+        if kind is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is not int and not math.isfinite(value)):
+            raise ValueError(f"{f.name} must be a finite {f.type}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +46,9 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_field_types(self)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.lr <= 0 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
             raise ValueError(f"lr, batch_size, max_steps and eval_every must be positive: {self}")
         if not 0 < self.target_accuracy <= 1:
@@ -55,29 +72,34 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
     evaluation with ``step``, ``seconds``, ``train_loss`` (running mean since the last
     evaluation), and train/test ``loss`` and ``exact_match``."""
     task = split.task
+    check_task(model, task)
+    if gate_bias_of(model) is not None:
+        raise ValueError(f"this is a sparse model (gate_bias {gate_bias_of(model)}); train trains dense base models")
     train_tokens, train_targets = task.batch(list(split.train))
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, running, start = [], [], time.perf_counter()
-    model.train()
-    bar = tqdm(range(1, config.max_steps + 1), desc="training", disable=not progress, mininterval=PROGRESS_INTERVAL)
-    for step in bar:
-        index = torch.randint(len(train_tokens), (config.batch_size,), generator=generator)
-        running.append(train_step(model, optimizer, train_tokens[index], train_targets[index], task))
-        if step % config.eval_every == 0 or step == config.max_steps:
-            on_train = evaluate(model, task, split.train)
-            on_test = evaluate(model, task, split.test)
-            history.append({
-                "step": step, "seconds": time.perf_counter() - start,
-                "train_loss": sum(running) / len(running),
-                "train_eval_loss": on_train.loss, "train_exact_match": on_train.exact_match,
-                "test_loss": on_test.loss, "test_exact_match": on_test.exact_match,
-            })
-            running = []
-            bar.set_postfix(loss=f"{on_train.loss:.4f}", train=f"{on_train.exact_match:.4f}",
-                            test=f"{on_test.exact_match:.4f}")
-            if on_train.exact_match >= config.target_accuracy:
-                break
-    bar.close()
-    model.eval()
+    try:
+        model.train()
+        bar = tqdm(range(1, config.max_steps + 1), desc="training", disable=not progress, mininterval=PROGRESS_INTERVAL)
+        for step in bar:
+            index = torch.randint(len(train_tokens), (config.batch_size,), generator=generator)
+            running.append(train_step(model, optimizer, train_tokens[index], train_targets[index], task))
+            if step % config.eval_every == 0 or step == config.max_steps:
+                on_train = evaluate(model, task, split.train)
+                on_test = evaluate(model, task, split.test)
+                history.append({
+                    "step": step, "seconds": time.perf_counter() - start,
+                    "train_loss": sum(running) / len(running),
+                    "train_eval_loss": on_train.loss, "train_exact_match": on_train.exact_match,
+                    "test_loss": on_test.loss, "test_exact_match": on_test.exact_match,
+                })
+                running = []
+                bar.set_postfix(loss=f"{on_train.loss:.4f}", train=f"{on_train.exact_match:.4f}",
+                                test=f"{on_test.exact_match:.4f}")
+                if on_train.exact_match >= config.target_accuracy:
+                    break
+        bar.close()
+    finally:
+        model.eval()
     return history

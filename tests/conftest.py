@@ -1,10 +1,27 @@
 import pytest
+from hypothesis import settings
+
+# Property tests: the same examples on every run and machine, no example database written to disk.
+settings.register_profile("sparsecirc", derandomize=True, database=None, deadline=None, max_examples=100)
+settings.load_profile("sparsecirc")
 
 from sparsecirc.data import AdditionTask, make_split
 from sparsecirc.model import ModelConfig
 
 # A tiny task and model so that unit tests take seconds: 1-digit operands, 2 answer slots.
 TINY = ModelConfig(operand_digits=1, answer_digits=2, n_layers=2, n_heads=2, d_head=8, d_model=16, d_mlp=32, seed=0)
+
+
+def _temporary_hook_count(model) -> int:
+    """Hooks attached to ``model``'s hook points other than permanent ones (a model's own
+    gating hooks are permanent): 0 when no ``with`` block has left anything behind."""
+    points = {id(point): point for point in model.hook_dict.values()}.values()  # hook_dict also holds aliases
+    return sum(sum(not handle.is_permanent for handle in point.fwd_hooks + point.bwd_hooks) for point in points)
+
+
+@pytest.fixture
+def temporary_hook_count():
+    return _temporary_hook_count
 
 
 @pytest.fixture

@@ -89,7 +89,7 @@ def test_circuit_plots_run_headless_and_save_without_overwriting(tmp_path, tiny_
     graphs = {"dense": circuit_graph(model, task, "3+4"), "gated": circuit_graph(model, task, "3+4", gate_bias=0.0)}
     figures = {"weights": plot_circuits(graphs, position_labels=task.position_labels),
                "heads": plot_circuits(graphs, color_by="head"),
-               "frequency": plot_edge_frequency(edge_frequency(model, task, tiny_split.all, 0.0), task.position_labels)}
+               "frequency": plot_edge_frequency(edge_frequency(model, task, tiny_split.all, gate_bias=0.0), task.position_labels)}
     for name, fig in figures.items():
         paths = save_figure(fig, tmp_path / "figures", name)
         assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
@@ -97,3 +97,26 @@ def test_circuit_plots_run_headless_and_save_without_overwriting(tmp_path, tiny_
         save_figure(figures["weights"], tmp_path / "figures", "weights")
     with pytest.raises(ValueError, match="color_by"):
         plot_circuits(graphs, color_by="rainbow")
+
+
+def test_figure1_draws_every_head_of_every_edge_as_its_own_visible_curve(tiny_config):
+    from matplotlib.patches import PathPatch
+
+    from sparsecirc.circuit_plots import MIN_ALPHA, MIN_WIDTH, edge_curves, plot_figure1
+
+    task, model = tiny_config.task, build_model(tiny_config)
+    problems = ["3+4", "5+5", "9+9"]
+    rows = {"Dense": {p: circuit_graph(model, task, p) for p in problems},
+            "Gated": {p: circuit_graph(model, task, p, gate_bias=0.0) for p in problems}}
+    fig = plot_figure1(rows, position_labels=task.position_labels)
+    assert len(fig.axes) == 6 and len({(ax.get_xlim(), ax.get_ylim()) for ax in fig.axes}) == 1  # the same axes
+    for ax, graph in zip(fig.axes, [g for graphs in rows.values() for g in graphs.values()]):
+        curves = [p for p in ax.patches if isinstance(p, PathPatch)]
+        assert len(curves) == sum(len(d["heads"]) for _, _, d in attention_edges(graph))  # one curve per head
+        assert all(c.get_linewidth() >= MIN_WIDTH and c.get_alpha() >= MIN_ALPHA for c in curves)
+    heights = edge_curves(2, span=3, seq_len=6)
+    assert heights[0] != heights[1]  # two heads on one edge run apart
+    assert edge_curves(1, span=5, seq_len=6)[0][0] > edge_curves(1, span=1, seq_len=6)[0][0]  # longer runs higher
+    assert edge_curves(2, span=0, seq_len=6)[0][1] != 0  # heads on a vertical edge bow apart
+    with pytest.raises(ValueError, match="must match"):
+        plot_figure1({"A": {"3+4": rows["Dense"]["3+4"]}, "B": {"5+5": rows["Dense"]["5+5"]}})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsecirc.cli import main
+from sparsecirc.cli import _print, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,3 +86,63 @@ def test_cli_sparsify_then_evaluate_reports_edges(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["all"] == made["all"]
     assert main(["sparsify", "--base", str(sparse), "--data", str(data), "--out", str(tmp_path / "x.pt")]) == 2
     assert "already a sparse checkpoint" in capsys.readouterr().err
+
+
+def _tiny_data(tmp_path) -> Path:
+    data = tmp_path / "d.json"
+    assert main(["data", "--operand-digits", "1", "--answer-digits", "2", "--test-size", "20", "--out", str(data)]) == 0
+    return data
+
+
+TINY_TRAIN = ["--n-layers", "1", "--n-heads", "2", "--d-head", "4", "--d-model", "8", "--d-mlp", "16"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--lr", "inf"], "lr must be a finite"),
+    (["train", "--lr", "nan"], "lr must be a finite"),
+    (["data", "--operand-digits", "4", "--answer-digits", "5"], "more than the 1,000,000"),
+])
+def test_cli_refuses_settings_it_cannot_use_before_any_work(tmp_path, capsys, args, message):
+    data = _tiny_data(tmp_path)
+    capsys.readouterr()
+    extra = ["--data", str(data), "--out", str(tmp_path / "m.pt"), *TINY_TRAIN] if args[0] == "train" else \
+        ["--out", str(tmp_path / "big.json")]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]  # nothing written
+
+
+def test_cli_refuses_directories_and_binary_files_by_name(tmp_path, capsys):
+    data = _tiny_data(tmp_path)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert main(["train", "--data", str(data), "--out", str(folder), "--force", *TINY_TRAIN]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["train", "--data", str(folder), *TINY_TRAIN]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(bytes(range(256)))
+    assert main(["train", "--data", str(binary), *TINY_TRAIN]) == 2
+    assert str(binary) in capsys.readouterr().err
+
+
+def test_cli_sparsify_refuses_a_non_finite_slack_and_prints_valid_json(tmp_path, capsys):
+    data = _tiny_data(tmp_path)
+    capsys.readouterr()
+    base = tmp_path / "base.pt"
+    assert main(["train", "--data", str(data), "--out", str(base), *TINY_TRAIN, "--max-steps", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 5
+    _print({"loss": float("nan"), "rows": [float("inf"), 1.0]}, as_json=True)
+    assert json.loads(capsys.readouterr().out) == {"loss": None, "rows": [None, 1.0]}  # JSON has no NaN
+    assert main(["sparsify", "--base", str(base), "--data", str(data), "--slack", "nan", "--out", str(tmp_path / "s.pt")]) == 2
+    assert "finite" in capsys.readouterr().err and not (tmp_path / "s.pt").exists()
+
+
+def test_cli_refuses_an_output_path_through_a_file_before_training(tmp_path, capsys):
+    data = _tiny_data(tmp_path)
+    (tmp_path / "somefile").write_text("mine")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "somefile" / "m.pt"), *TINY_TRAIN]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["data", "--operand-digits", "1", "--answer-digits", "2", "--out", str(tmp_path / "somefile" / "d.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "somefile").read_text() == "mine"

@@ -26,10 +26,25 @@ def test_encode_decode_round_trip_on_every_problem(task):
         assert task.parse(task.format_problem(a, b)) == (a, b)
 
 
-def test_parse_accepts_spaces_and_short_operands():
-    assert TASK.parse(" 3 6 + 2 8 ") == (36, 28)
+def test_parse_accepts_spaces_around_tokens_and_short_operands():
+    assert TASK.parse(" 36 + 28 = ") == (36, 28)
     assert TASK.parse("7+3") == (7, 3)
     assert TASK.parse("07+03=") == (7, 3)
+
+
+@pytest.mark.parametrize("bad", ["3 6+28", "36+2 8", "3+4\uff12", "\u0663+4", "36\t+28", "36+28\n", "36+28==", "+36+28"])
+def test_parse_refuses_spaces_inside_numbers_and_other_digits(bad):
+    with pytest.raises(ValueError, match="cannot parse"):
+        TASK.parse(bad.encode().decode("unicode_escape"))
+
+
+def test_parse_errors_do_not_echo_a_huge_input():
+    with pytest.raises(ValueError) as error:
+        TASK.parse("1" * 200_000 + "+1")
+    assert len(str(error.value)) < 300
+    with pytest.raises(ValueError) as error:
+        TASK.parse("x" * 200_000)
+    assert len(str(error.value)) < 300
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -55,15 +70,19 @@ def test_operands_out_of_range_and_non_strings():
 
 
 def test_bad_token_sequences():
-    with pytest.raises(ValueError, match="expected 11 tokens"):
+    with pytest.raises(ValueError, match="expected 11 token ids"):
         TASK.decode([1, 2, 3])
+    for bad in (torch.tensor([3.7] * 11), torch.ones(11, dtype=torch.bool), torch.zeros(2, 11, dtype=torch.long),
+                [3.7] * 11, [True] * 11, "36+28=?????"):
+        with pytest.raises(ValueError, match="token ids must be"):
+            TASK.decode(bad)
     with pytest.raises(ValueError, match="out of range"):
         TASK.decode([0] * 10 + [13])
     with pytest.raises(ValueError, match="not a add_d2_a5 input line"):
         TASK.decode_problem([0] * 11)
     with pytest.raises(ValueError, match="digit tokens"):
         TASK.decode_answer([0, 0, 0, 6, 10])
-    with pytest.raises(ValueError, match="expected 5 answer digits"):
+    with pytest.raises(ValueError, match="expected 5 token ids"):
         TASK.decode_answer([6, 4])
 
 

@@ -1,7 +1,10 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
-from sparsecirc.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from sparsecirc.checkpoint import config_digest, load_checkpoint, read_checkpoint, save_checkpoint
 from sparsecirc.data import AdditionTask
 from sparsecirc.model import ModelConfig, build_model
 
@@ -78,8 +81,53 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, tiny_config):
     record = torch.load(save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), tiny_config), weights_only=True)
     record["config"]["d_mlp"] = 64  # config says one thing, weights another
     torch.save(record, tmp_path / "lying.pt")
-    with pytest.raises(ValueError, match="weight shapes differ"):
+    with pytest.raises(ValueError, match="config does not match"):
         read_checkpoint(tmp_path / "lying.pt")
+    record["config_digest"] = config_digest(ModelConfig.from_dict(record["config"]))  # a consistent lie
+    torch.save(record, tmp_path / "lying.pt")
+    with pytest.raises(ValueError, match="weight shapes or dtypes differ"):
+        read_checkpoint(tmp_path / "lying.pt")
+
+
+@pytest.mark.parametrize("edit", [{"n_heads": 4, "d_head": 4}, {"act_fn": "gelu"}])
+def test_a_config_edited_after_saving_is_refused_even_when_the_shapes_fit(tmp_path, tiny_config, edit):
+    record = torch.load(save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), tiny_config), weights_only=True)
+    record["config"].update(edit)  # 2 heads x 8 = 4 heads x 4: the same weight shapes
+    torch.save(record, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match="config does not match"):
+        read_checkpoint(tmp_path / "edited.pt")
+
+
+@pytest.mark.parametrize("drop", ["config", "state_dict", "config_digest"])
+def test_an_incomplete_record_is_refused(tmp_path, tiny_config, drop):
+    record = torch.load(save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), tiny_config), weights_only=True)
+    del record[drop]
+    torch.save(record, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="lacks"):
+        read_checkpoint(tmp_path / "bad.pt")
+    record = torch.load(tmp_path / "m.pt", weights_only=True)
+    record["state_dict"]["embed.W_E"] = "not a tensor"
+    torch.save(record, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not tensors"):
+        read_checkpoint(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("metrics", [{"x": np.float64(1.0)}, {"x": np.arange(3)}, {"x": Path("a")}, {1: 2.0},
+                                     {"x": torch.tensor(1.0)}, {"x": {1, 2}}])
+def test_metrics_a_checkpoint_cannot_read_back_are_refused_before_anything_is_written(tmp_path, tiny_config, metrics):
+    model = build_model(tiny_config)
+    path = save_checkpoint(tmp_path / "m.pt", model, tiny_config, {"exact_match": 1.0})
+    before = path.read_bytes()
+    mine = tmp_path / "m.pt.tmp"  # a user's own file that happens to have the old temporary name
+    mine.write_text("keep me")
+    with pytest.raises(ValueError, match="checkpoint holds only|str keys"):
+        save_checkpoint(path, model, tiny_config, metrics, overwrite=True)
+    assert path.read_bytes() == before and read_checkpoint(path).metrics == {"exact_match": 1.0}
+    save_checkpoint(path, model, tiny_config, {"exact_match": 0.5}, overwrite=True)
+    assert mine.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.tmp"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="is a directory"):
+        save_checkpoint(tmp_path, model, tiny_config)
 
 
 def test_shipped_reference_checkpoint_loads_and_matches_its_metrics():
@@ -101,9 +149,81 @@ def test_shipped_sparse_checkpoint_meets_the_targets_with_its_own_gates():
     model, checkpoint = load_checkpoint(reference_sparse_checkpoint_path())
     assert checkpoint.kind == "sparse" and checkpoint.config == ModelConfig().sparse(checkpoint.config.gate_bias)
     split = load_split(reference_dataset_path())
-    result = evaluate(model, split.task, split.all, gate_bias=checkpoint.config.gate_bias)
+    result = evaluate(model, split.task, split.all)  # its own gates: no bias passed
     assert result.exact_match == checkpoint.metrics["all"]["exact_match"] >= 0.999
     assert result.mean_open_edges == pytest.approx(checkpoint.metrics["all"]["mean_open_edges"])
     assert result.mean_open_edges <= 10  # the bar every run of the recipe must meet (issue 10)
-    dense = evaluate(model, split.task, split.all)  # without its gates it is another model: say so by failing
-    assert dense.exact_match < result.exact_match
+    dense = evaluate(model, split.task, split.all, dense=True)  # without its gates it is another model
+    assert dense.exact_match < result.exact_match and dense.open_edges is None
+
+
+def test_the_sparse_checkpoint_answers_right_through_every_path_with_no_bias_given():
+    from sparsecirc.circuit import circuit_graph, edge_frequency
+    from sparsecirc.circuit_size import Patcher
+    from sparsecirc.evaluation import evaluate, predict
+    from sparsecirc.patching import make_pairs
+    from sparsecirc.paths import reference_sparse_checkpoint_path
+
+    model, checkpoint = load_checkpoint(reference_sparse_checkpoint_path())
+    task = checkpoint.config.task
+    tokens, targets = task.batch([(99, 99)])
+    assert predict(model, task, "99+99") == "00198"
+    assert evaluate(model, task, [(99, 99)]).exact_match == 1.0
+    assert circuit_graph(model, task, "99+99").graph["predicted"] == "00198"
+    assert torch.equal(model(tokens)[0, task.prompt_len:].argmax(-1), targets[0])
+    logits, cache = model.run_with_cache(tokens)
+    assert torch.equal(logits[0, task.prompt_len:].argmax(-1), targets[0])
+    gated = evaluate(model, task, [(99, 99)])
+    cached_open = sum(int((cache[f"blocks.{l}.attn.hook_pattern"] > 0).sum()) for l in range(model.cfg.n_layers))
+    assert cached_open == gated.mean_open_edges  # the cache holds the gated pattern: only open edges carry weight
+    assert edge_frequency(model, task, [(99, 99)]).sum() == gated.mean_open_edges
+    pairs = make_pairs(task, 2, seed=0)
+    patcher = Patcher(model, pairs, progress=False)
+    clean_answers = patcher.clean_run["logits"][:, task.prompt_len:].argmax(-1)
+    assert torch.equal(clean_answers, pairs.tokens()[2])
+    assert predict(model, task, "99+99", dense=True) != "00198"  # the same weights ungated: asked for by name
+
+
+def test_a_task_that_does_not_fit_the_model_is_refused(tiny_config):
+    from sparsecirc.circuit import circuit_graph
+    from sparsecirc.evaluation import evaluate, predict
+
+    model = build_model(ModelConfig())
+    for call in (lambda: predict(model, AdditionTask(2, 3), "99+99"), lambda: evaluate(model, AdditionTask(1, 2), [(1, 2)]),
+                 lambda: circuit_graph(model, AdditionTask(2, 3), "1+2")):
+        with pytest.raises(ValueError, match="does not fit this model"):
+            call()
+
+
+def test_analysis_doors_refuse_what_is_not_a_model_task_or_list_of_pairs(tiny_config):
+    from sparsecirc.circuit import circuit_graph, edge_frequency
+    from sparsecirc.evaluation import evaluate, predict
+
+    model = build_model(tiny_config)
+    task = tiny_config.task
+    with pytest.raises(ValueError, match="TransformerBridge"):
+        predict((model, None), task, "3+4")  # a load_checkpoint tuple not unpacked
+    with pytest.raises(ValueError, match="built for add_d1_a2"):
+        predict(model, AdditionTask(1, 3), "3+4")
+    with pytest.raises(ValueError, match="list of \\(a, b\\) pairs"):
+        evaluate(model, task, "3+4")
+    with pytest.raises(ValueError, match="one \\[layer, head, query, key\\] mask"):
+        edge_frequency(model, task, [(1, 2)], gate_bias=0.0, edge_mask=torch.ones(2, 2, 2, 6, 6))
+    with pytest.raises(ValueError, match="do not nest"):
+        from sparsecirc.sparse_attention import sparse_attention
+        with sparse_attention(model, "dense"):
+            circuit_graph(model, task, "3+4")
+
+
+def test_kind_and_config_must_agree(tmp_path, tiny_config):
+    with pytest.raises(ValueError, match="kind must be 'sparse' for a sparse config"):
+        save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), tiny_config, kind="sparse")
+    with pytest.raises(ValueError, match="gate bias is None but the config says 1.0"):
+        save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), tiny_config.sparse(1.0), kind="sparse")
+    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("bad", [{"n_layers": True}, {"gate_bias": True}, {"seed": 2**70}, {"seed": -1}])
+def test_model_config_refuses_bools_and_out_of_range_seeds(bad):
+    with pytest.raises(ValueError):
+        ModelConfig(**bad)

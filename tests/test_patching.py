@@ -3,8 +3,10 @@ import torch
 
 from sparsecirc.circuit_size import Patcher, needed_for
 from sparsecirc.data import AdditionTask
+from sparsecirc.gates import causal_mask
 from sparsecirc.model import build_model
 from sparsecirc.patching import logit_difference, make_pairs, patched_logits, record_attention
+from sparsecirc.sparse_attention import set_gate_bias
 
 
 @pytest.fixture
@@ -41,20 +43,21 @@ def test_logit_difference_by_hand():
 def test_patching_with_itself_changes_nothing_and_everything_gives_the_corrupted_run(tiny_model_and_pairs, gate_bias):
     model, pairs = tiny_model_and_pairs
     clean_tokens, corrupted_tokens, _, _ = pairs.tokens()
-    clean_run = record_attention(model, clean_tokens, gate_bias)
-    corrupted_run = record_attention(model, corrupted_tokens, gate_bias)
+    clean_run = record_attention(model, clean_tokens, gate_bias=gate_bias)
+    corrupted_run = record_attention(model, corrupted_tokens, gate_bias=gate_bias)
     seq = pairs.task.seq_len
     shape = (1, model.cfg.n_layers, model.cfg.n_heads, seq, seq)
     mlps = torch.zeros(1, model.cfg.n_layers)
-    with_itself = patched_logits(model, clean_tokens, clean_run, torch.zeros(shape), mlps, gate_bias)
+    with_itself = patched_logits(model, clean_tokens, clean_run, torch.zeros(shape), mlps, gate_bias=gate_bias)
     assert torch.allclose(with_itself, clean_run["logits"], atol=1e-5)
-    everything = patched_logits(model, clean_tokens, corrupted_run, torch.zeros(shape), mlps, gate_bias)
+    everything = patched_logits(model, clean_tokens, corrupted_run, torch.zeros(shape), mlps, gate_bias=gate_bias)
     answers = pairs.task.prompt_len
     assert torch.allclose(everything[:, answers:], corrupted_run["logits"][:, answers:], atol=1e-5)
     # one head patched changes the answers (the patch does something)
     one_head = torch.ones(shape)
     one_head[0, 0, 0] = 0
-    assert not torch.allclose(patched_logits(model, clean_tokens, corrupted_run, one_head, None, gate_bias), clean_run["logits"])
+    assert not torch.allclose(patched_logits(model, clean_tokens, corrupted_run, one_head, None, gate_bias=gate_bias),
+                              clean_run["logits"])
     with pytest.raises(ValueError, match="keep must be"):
         patched_logits(model, clean_tokens, corrupted_run, torch.ones(1, 9, 9, seq, seq))
 
@@ -77,7 +80,52 @@ def test_explained_effect_is_one_with_everything_kept_and_zero_with_nothing(tiny
 
 
 def test_closed_edges_have_no_effect_in_a_sparse_model(tiny_model_and_pairs):
+    """Patching every edge closed in both runs leaves the metric where it is; patching the open
+    ones moves it. Checked by running the patches, not read off the effects table."""
     model, pairs = tiny_model_and_pairs
-    effects = Patcher(model, pairs, gate_bias=0.0, progress=False).effects()
-    closed = ~effects.edge_candidates
-    assert closed.any() and (effects.edge_effects[closed] == 0).all()
+    set_gate_bias(model, 0.0)  # a sparse model: its own gates are used, no bias passed below
+    patcher = Patcher(model, pairs, progress=False)
+    candidates = patcher.edge_candidates()
+    closed = ~candidates & causal_mask(pairs.task.seq_len)
+    assert closed.any() and candidates.any()
+    clean = patcher.run(torch.ones(1, *patcher.shape))[0]
+    closed_patched = patcher.run((~closed).float()[None])[0]
+    open_patched = patcher.run((~candidates).float()[None])[0]
+    assert closed_patched.item() == pytest.approx(clean.item(), abs=1e-5)
+    assert abs(open_patched.item() - clean.item()) > 1e-3
+
+
+def test_patching_and_evaluation_leave_the_train_mode_as_they_found_it(tiny_model_and_pairs):
+    from sparsecirc.circuit import circuit_graph, edge_frequency
+    from sparsecirc.evaluation import evaluate, predict
+
+    model, pairs = tiny_model_and_pairs
+    task = pairs.task
+    model.train()
+    Patcher(model, pairs, progress=False).effects()
+    predict(model, task, "3+4")
+    circuit_graph(model, task, "3+4")
+    edge_frequency(model, task, [(1, 2)], gate_bias=0.0)
+    assert model.training
+    with pytest.raises(ValueError, match="outside"):
+        evaluate(model, task, [(1, 2), (1, 99)], batch_size=1)  # fails in the second batch, inside the gated run
+    assert model.training
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            evaluate(model, task, [(1, 2)], batch_size=bad)
+    with pytest.raises(ValueError, match="at least one problem"):
+        evaluate(model, task, [])
+
+
+def test_patch_masks_must_be_zeros_and_ones_of_the_right_shape(tiny_model_and_pairs):
+    model, pairs = tiny_model_and_pairs
+    clean_tokens, corrupted_tokens, _, _ = pairs.tokens()
+    corrupted_run = record_attention(model, corrupted_tokens)
+    seq = pairs.task.seq_len
+    shape = (1, model.cfg.n_layers, model.cfg.n_heads, seq, seq)
+    with pytest.raises(ValueError, match="keep must hold only 0"):
+        patched_logits(model, clean_tokens, corrupted_run, torch.full(shape, 2.0))
+    with pytest.raises(ValueError, match="keep_mlp must be"):
+        patched_logits(model, clean_tokens, corrupted_run, torch.ones(shape), torch.ones(1, 7))
+    with pytest.raises(ValueError, match="keep_mlp must hold only 0"):
+        patched_logits(model, clean_tokens, corrupted_run, torch.ones(shape), torch.full((1, model.cfg.n_layers), 0.5))

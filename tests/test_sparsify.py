@@ -195,3 +195,34 @@ def test_sparsify_closes_duplicates_during_the_run_and_still_selects_a_state_tha
         SparsifyConfig(prune_at=0.7, prune_until=0.5)
     with pytest.raises(ValueError, match="prune_margin"):
         SparsifyConfig(prune_margin=float("nan"))
+
+
+def test_an_interrupted_sparsify_leaves_a_sparse_model_in_eval_mode(tiny_config, tiny_split, monkeypatch):
+    import sys
+
+    from sparsecirc.sparse_attention import gate_bias_of
+
+    module = sys.modules["sparsecirc.sparsify"]  # the package exports a function of the same name
+
+    model = build_model(tiny_config)
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = module.sparsify_step
+    monkeypatch.setattr(module, "sparsify_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sparsify(model, tiny_split, SparsifyConfig(gate_bias=2.0, batch_size=16, steps=10, eval_every=5), progress=False)
+    assert gate_bias_of(model) == 2.0 and not model.training
+    with pytest.raises(ValueError, match="already sparse"):
+        sparsify(model, tiny_split, SparsifyConfig(steps=1), progress=False)
+
+
+@pytest.mark.parametrize("bad", [{"batch_size": 2.5}, {"steps": True}, {"gate_bias": "3"}, {"lr": float("inf")}])
+def test_sparsify_config_checks_types(bad):
+    with pytest.raises(ValueError):
+        SparsifyConfig(**bad)

@@ -35,8 +35,12 @@ def test_training_stops_at_the_target(tiny_config, tiny_split):
 
 def test_evaluation_lists_failures_with_text(tiny_config, tiny_split):
     model = build_model(tiny_config)  # untrained: almost everything fails
-    result = evaluate(model, tiny_split.task, tiny_split.test)
-    assert len(result.failures) == round((1 - result.exact_match) * result.n)
+    task = tiny_split.task
+    result = evaluate(model, task, tiny_split.test, batch_size=7)  # batches that do not divide the 20 problems
+    one_by_one = [(task.format_problem(a, b), predict(model, task, task.format_problem(a, b)), task.answer(a, b))
+                  for a, b in tiny_split.test]
+    assert result.failures == [row for row in one_by_one if row[1] != row[2]] != []
+    assert result.exact_match == sum(row[1] == row[2] for row in one_by_one) / len(one_by_one)
     problem, predicted, expected = result.failures[0]
     assert len(predicted) == len(expected) == 2 and "+" in problem
     assert len(predict(model, tiny_split.task, "3+4")) == 2
