@@ -1,13 +1,14 @@
 # Two entry points, both from a fresh clone with only Python 3.11, git and make:
 #   make run   set up .venv if needed, then execute every notebook top to bottom, saving outputs
 #   make test  set up .venv if needed, then run the unit tests and nbval over every notebook
+#   make lab   set up .venv if needed, then open the notebooks in JupyterLab
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsecirc-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test setup clean-venv
+.PHONY: run test lab setup clean-venv
 
 setup: $(STAMP)
 
@@ -28,6 +29,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
 
 clean-venv:
 	rm -rf $(VENV)
