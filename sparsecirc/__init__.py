@@ -18,11 +18,13 @@ Modules, one idea each:
     circuit_plots  Figure-1-style drawings of circuit graphs; saving PNG + SVG
     patching    clean/corrupted pairs, the metric, batched patching of heads, MLPs, edges
     circuit_size  effects, explained-effect curves, heads and edges needed
+    explorer    one problem through both models, edges closed by hand (ipywidgets)
 """
 
 from .circuit import circuit_graph, edge_frequency, frequency_graph, prune_to_answers, restrict_to_digit
 from .circuit_size import Patcher, PatchingEffects, needed_for
 from .checkpoint import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .explorer import Explorer, ExplorerView, explore
 from .data import VOCAB, AdditionSplit, AdditionTask, load_split, make_split, save_split
 from .evaluation import Evaluation, answer_logits, answer_loss, evaluate, predict
 from .patching import PatchingPairs, make_pairs
@@ -45,4 +47,5 @@ __all__ = [
     "SparsifyConfig", "LagrangeMultiplier", "sparsify",
     "circuit_graph", "prune_to_answers", "restrict_to_digit", "edge_frequency", "frequency_graph",
     "PatchingPairs", "make_pairs", "Patcher", "PatchingEffects", "needed_for",
+    "explore", "ExplorerView", "Explorer",
 ]

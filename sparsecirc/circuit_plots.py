@@ -3,9 +3,11 @@
 The layout is a grid: token positions left to right, levels (input, layer 0, ...) bottom to
 top. Attention edges are drawn from the key's node up to the query's node, one curve per head,
 blue with width and opacity by attention weight (or one colour per head); residual edges are
-thin grey verticals. No edge hides another: each curve rises from its key, runs across at a
-height set by its span and comes up into its query; heads that share a (query, key) run apart;
-and even a weight near 0 keeps a visible minimum width and opacity.
+thin grey verticals. No edge hides another: each curve leaves its key straight up, runs across
+in its query's lane (in each layer, every query that reads something has its own height) and
+comes straight up into the query, so the curves that leave one key part at once and those that feed one query join only
+at its end; heads that share a (query, key) run apart; and even a weight near 0 keeps a visible
+minimum width and opacity.
 """
 
 from __future__ import annotations
@@ -25,26 +27,33 @@ MIN_WIDTH, MIN_ALPHA = 0.6, 0.25  # what an open edge with weight ~0 still gets
 HEAD_SPREAD = 0.12  # how far apart (in levels, or columns on a vertical edge) the curves of one edge's heads run
 
 
-def edge_curves(n_heads: int, span: int, seq_len: int) -> list[tuple[float, float]]:
-    """``(height, bow)`` of each of ``n_heads`` curves on one edge: the height (fraction of a
-    level) at which it runs across, higher for an edge over more columns, so that crossing edges
-    nest instead of lying on each other; and a sideways bow (columns) that parts the heads of a
-    vertical edge. Heads on one edge run apart by ``HEAD_SPREAD``."""
-    base = 0.3 + 0.4 * span / max(1, seq_len - 1)
+def query_lanes(queries) -> dict[int, float]:
+    """The lane (height, as a fraction of a level) of each query position that receives
+    attention in one layer: spread evenly over the level by position, so that neighbouring
+    answer slots, which layer 0 often feeds together, still run far apart."""
+    ordered = sorted(set(queries))
+    if len(ordered) == 1:
+        return {ordered[0]: 0.5}
+    return {query: 0.2 + 0.6 * rank / (len(ordered) - 1) for rank, query in enumerate(ordered)}
+
+
+def edge_curves(n_heads: int, lane: float, vertical: bool) -> list[tuple[float, float]]:
+    """``(height, bow)`` of each of ``n_heads`` curves on one edge that runs in ``lane``: heads
+    on one edge run ``HEAD_SPREAD / 2`` apart in height, and on a ``vertical`` edge (a position
+    reading itself) they bow sideways apart."""
     offsets = [i - (n_heads - 1) / 2 for i in range(n_heads)]
-    return [(base + HEAD_SPREAD * o, 0.0 if span else 2 * HEAD_SPREAD * o) for o in offsets]
+    return [(lane + HEAD_SPREAD / 2 * o, 2 * HEAD_SPREAD * o if vertical else 0.0) for o in offsets]
 
 
 def _draw_edge(ax, start, end, height: float, bow: float, colour, strength: float) -> None:
-    """A cubic curve from ``start`` up to ``end``: it rises from the key, runs across at
-    ``height`` of the level and comes up into the query, so one sees which key feeds which query."""
+    """A cubic curve from ``start`` up to ``end``: it leaves the key straight up, runs across at
+    ``height`` of the level and comes straight up into the query."""
     (x0, y0), (x1, y1) = start, end
-    dx = x1 - x0
-    if dx == 0 and bow == 0:
+    if x1 == x0 and bow == 0:
         path = CurvePath([start, end], [CurvePath.MOVETO, CurvePath.LINETO])
     else:
         middle = y0 + height * (y1 - y0)
-        path = CurvePath([(x0, y0), (x0 + 0.12 * dx + bow, middle), (x1 - 0.12 * dx + bow, middle), (x1, y1)],
+        path = CurvePath([(x0, y0), (x0 + bow, middle), (x1 + bow, middle), (x1, y1)],
                          [CurvePath.MOVETO, CurvePath.CURVE4, CurvePath.CURVE4, CurvePath.CURVE4])
     ax.add_patch(PathPatch(path, facecolor="none", edgecolor=colour, lw=MIN_WIDTH + 2.6 * strength,
                            alpha=MIN_ALPHA + (1 - MIN_ALPHA) * strength, zorder=2, capstyle="round"))
@@ -65,9 +74,11 @@ def plot_circuit(graph: nx.DiGraph, ax=None, color_by: str = "weight", title: st
     for (level, position), (_, target), data in graph.edges(data=True):
         if data["residual"]:
             ax.plot([position, target], [level, level + 1], color="0.8", lw=0.8, zorder=1)
-    for (level, key), (_, query), data in attention_edges(graph):
+    edges = attention_edges(graph)
+    lanes = {level: query_lanes(q for (l, _), (_, q), _ in edges if l == level) for level in range(n_layers)}
+    for (level, key), (_, query), data in edges:
         heads = sorted(data["heads"].items())
-        for (head, weight), (height, bow) in zip(heads, edge_curves(len(heads), abs(query - key), seq_len)):
+        for (head, weight), (height, bow) in zip(heads, edge_curves(len(heads), lanes[level][query], key == query)):
             colour = "tab:blue" if color_by == "weight" else HEAD_COLOURS[head % len(HEAD_COLOURS)]
             _draw_edge(ax, (key, level), (query, level + 1), height, bow, colour, min(1.0, max(0.0, weight)))
     nodes = list(graph.nodes)

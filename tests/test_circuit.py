@@ -102,7 +102,7 @@ def test_circuit_plots_run_headless_and_save_without_overwriting(tmp_path, tiny_
 def test_figure1_draws_every_head_of_every_edge_as_its_own_visible_curve(tiny_config):
     from matplotlib.patches import PathPatch
 
-    from sparsecirc.circuit_plots import MIN_ALPHA, MIN_WIDTH, edge_curves, plot_figure1
+    from sparsecirc.circuit_plots import MIN_ALPHA, MIN_WIDTH, edge_curves, plot_figure1, query_lanes
 
     task, model = tiny_config.task, build_model(tiny_config)
     problems = ["3+4", "5+5", "9+9"]
@@ -114,9 +114,10 @@ def test_figure1_draws_every_head_of_every_edge_as_its_own_visible_curve(tiny_co
         curves = [p for p in ax.patches if isinstance(p, PathPatch)]
         assert len(curves) == sum(len(d["heads"]) for _, _, d in attention_edges(graph))  # one curve per head
         assert all(c.get_linewidth() >= MIN_WIDTH and c.get_alpha() >= MIN_ALPHA for c in curves)
-    heights = edge_curves(2, span=3, seq_len=6)
+    heights = edge_curves(2, lane=0.5, vertical=False)
     assert heights[0] != heights[1]  # two heads on one edge run apart
-    assert edge_curves(1, span=5, seq_len=6)[0][0] > edge_curves(1, span=1, seq_len=6)[0][0]  # longer runs higher
-    assert edge_curves(2, span=0, seq_len=6)[0][1] != 0  # heads on a vertical edge bow apart
+    lanes = query_lanes([8, 9, 10, 9])
+    assert sorted(lanes) == [8, 9, 10] and min(abs(a - b) for a in lanes.values() for b in lanes.values() if a != b) >= 0.25
+    assert edge_curves(2, lane=0.5, vertical=True)[0][1] != 0  # heads on a vertical edge bow apart
     with pytest.raises(ValueError, match="must match"):
         plot_figure1({"A": {"3+4": rows["Dense"]["3+4"]}, "B": {"5+5": rows["Dense"]["5+5"]}})
