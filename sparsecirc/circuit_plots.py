@@ -21,6 +21,7 @@ from matplotlib.patches import PathPatch
 from matplotlib.path import Path as CurvePath
 
 from .circuit import attention_edges, level_name
+from .plots import plot_head_grid
 
 HEAD_COLOURS = plt.get_cmap("tab10").colors
 MIN_WIDTH, MIN_ALPHA = 0.6, 0.25  # what an open edge with weight ~0 still gets
@@ -163,19 +164,10 @@ def plot_figure1(rows: dict[str, dict[str, nx.DiGraph]], color_by: str = "weight
 def plot_edge_frequency(frequency: torch.Tensor, position_labels: list[str], title: str | None = None):
     """Heat maps of how often each edge is open, one panel per (layer, head): rows are queries,
     columns keys. ``frequency``: ``[layer, head, query, key]`` in [0, 1]."""
-    n_layers, n_heads = frequency.shape[:2]
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(2.4 * n_heads + 0.8, 2.4 * n_layers), squeeze=False)
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            ax = axes[layer, head]
-            image = ax.imshow(frequency[layer, head].numpy(), cmap="Blues", vmin=0, vmax=1)
-            opened = int((frequency[layer, head] > 0).sum())
-            ax.set_title(f"L{layer} H{head} ({opened} ever open)", fontsize=8)
-            ax.set_xticks(range(len(position_labels)), position_labels if layer == n_layers - 1 else [],
-                          rotation=90, fontsize=6)
-            ax.set_yticks(range(len(position_labels)), position_labels if head == 0 else [], fontsize=6)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of inputs with the edge open")
-    fig.suptitle(title or "How often each edge is open (rows = query, columns = key)")
+    fig, axes = plot_head_grid(frequency, position_labels, title or "How often each edge is open",
+                               "fraction of inputs with the edge open")
+    for (layer, head), ax in zip(((l, h) for l in range(axes.shape[0]) for h in range(axes.shape[1])), axes.flat):
+        ax.set_title(f"layer {layer}, head {head}: {int((frequency[layer, head] > 0).sum())} ever open", fontsize=8)
     return fig
 
 

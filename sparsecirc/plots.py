@@ -34,27 +34,41 @@ def plot_training_history(history: list[dict], title: str = "Base training"):
     return fig
 
 
-def plot_attention_patterns(patterns: torch.Tensor, task: AdditionTask, problem: str, predicted: str | None = None):
-    """A grid of heat maps, one per (layer, head): rows are queries, columns keys.
-
-    ``patterns``: ``[layer, head, query_pos, key_pos]``.
-    """
-    n_layers, n_heads = patterns.shape[:2]
-    tokens, _ = task.encode_problem(problem)
-    labels = [f"{VOCAB[t]} {name}" for t, name in zip(tokens, task.position_labels)]
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(2.6 * n_heads, 2.6 * n_layers), squeeze=False)
+def plot_head_grid(values: torch.Tensor, labels: list[str], title: str, colour_label: str, cmap: str = "Blues"):
+    """One heat map per (layer, head) on a shared 0-1 colour scale with a colour bar: rows are
+    queries, columns keys, every tick named by ``labels``. ``values``: ``[layer, head, query,
+    key]`` in [0, 1]. Returns ``(fig, axes)``; ``axes[layer, head]``."""
+    n_layers, n_heads, n_query, n_key = values.shape
+    if len(labels) != n_key or n_query != n_key:
+        raise ValueError(f"need one label per position ({n_key}) and square maps, got {len(labels)} labels "
+                         f"for [{n_query}, {n_key}] maps")
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(2.7 * n_heads + 1.2, 2.7 * n_layers + 0.4), squeeze=False,
+                             layout="constrained")
     for layer in range(n_layers):
         for head in range(n_heads):
             ax = axes[layer, head]
-            ax.imshow(patterns[layer, head].numpy(), cmap="Blues", vmin=0, vmax=1)
-            ax.set_title(f"L{layer} H{head}", fontsize=9)
-            ax.set_xticks(range(task.seq_len), labels if layer == n_layers - 1 else [], rotation=90, fontsize=6)
-            ax.set_yticks(range(task.seq_len), labels if head == 0 else [], fontsize=6)
+            image = ax.imshow(values[layer, head].numpy(), cmap=cmap, vmin=0, vmax=1)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=9)
+            ax.set_xticks(range(n_key), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(n_query), labels, fontsize=7)
+            if layer < n_layers - 1:
+                ax.tick_params(labelbottom=False)
+            if head > 0:
+                ax.tick_params(labelleft=False)
+    fig.colorbar(image, ax=axes, shrink=0.5, label=colour_label)
+    fig.suptitle(title + "\n(rows: query position; columns: key position)")
+    return fig, axes
+
+
+def plot_attention_patterns(patterns: torch.Tensor, task: AdditionTask, problem: str, predicted: str | None = None):
+    """A grid of heat maps, one per (layer, head): rows are queries, columns keys, ticks the
+    token and the position's name (``"3 a1"``). ``patterns``: ``[layer, head, query_pos, key_pos]``."""
+    tokens, _ = task.encode_problem(problem)
+    labels = [name if VOCAB[t] == name else f"{VOCAB[t]} {name}" for t, name in zip(tokens, task.position_labels)]
     heading = f"Attention patterns for {problem}"
     if predicted is not None:
         heading += f" (model answers {predicted})"
-    fig.suptitle(heading + "; rows = query, columns = key")
-    fig.tight_layout()
+    fig, _ = plot_head_grid(patterns, labels, heading, "attention weight (softmax)")
     return fig
 
 

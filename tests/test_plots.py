@@ -26,3 +26,19 @@ def test_plots_draw_from_real_runs(tmp_path, tiny_config, tiny_split):
         path = tmp_path / f"figure{i}.png"
         fig.savefig(path)
         assert path.stat().st_size > 1000
+
+
+def test_head_grid_names_every_tick_and_has_a_colour_bar():
+    import pytest
+
+    from sparsecirc.plots import plot_head_grid
+
+    values = torch.rand(2, 3, 4, 4)
+    labels = ["a", "b", "c", "d"]
+    fig, axes = plot_head_grid(values, labels, "title", "weight")
+    assert axes.shape == (2, 3) and len(fig.axes) == 2 * 3 + 1  # the panels and one colour bar
+    assert fig.axes[-1].get_ylabel() == "weight"
+    assert [t.get_text() for t in axes[1, 0].get_xticklabels()] == labels
+    assert [t.get_text() for t in axes[0, 0].get_yticklabels()] == labels
+    with pytest.raises(ValueError, match="one label per position"):
+        plot_head_grid(values, labels[:3], "title", "weight")
