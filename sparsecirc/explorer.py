@@ -3,12 +3,15 @@ the sparse circuit with edges of your choice closed.
 
 :func:`explore` computes what is shown, as a plain :class:`ExplorerView` a test can check;
 :class:`Explorer` puts it behind ipywidgets (a problem box, a few examples, one tick box per open
-edge of the sparse circuit: tick it to close the edge).
+edge of the sparse circuit: tick it to close the edge). Displayed, it is the live widget in
+Jupyter, and a still picture of its current output where no kernel runs (GitHub).
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 from dataclasses import dataclass
 
 import networkx as nx
@@ -189,7 +192,17 @@ class Explorer:
         self.boxes.children = []
         self.picture.clear_output()
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """The live widget where a kernel runs it (JupyterLab, VS Code), and a PNG of what it
+        shows now for pages rendered without one (GitHub, nbviewer), which skip the widget."""
+        import matplotlib.pyplot as plt
 
-        display(self.widget)
+        bundle = dict(self.widget._repr_mimebundle_() or {})
+        bundle["text/plain"] = f"Explorer\n{self.message}"
+        if self.view is not None:
+            figure = self.view.figure(self.labels)
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=60, bbox_inches="tight")
+            plt.close(figure)
+            bundle["image/png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+        return bundle

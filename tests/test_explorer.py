@@ -41,6 +41,10 @@ def test_explorer_shows_answers_and_the_edges_left_when_edges_are_ticked_closed(
     sparse_panel = figure.axes[1]
     assert len([p for p in sparse_panel.patches if isinstance(p, PathPatch)]) == len(view.drawn_edges)
 
+    bundle = explorer._repr_mimebundle_()
+    assert bundle["image/png"] and "application/vnd.jupyter.widget-view+json" in bundle  # a still for GitHub, live in Jupyter
+    assert explorer.message in bundle["text/plain"]
+
     explorer.examples.value = "43+59"  # picking an example replaces the problem and unticks everything
     assert explorer.problem.value == "43+59" and explorer.view.closed == () and "43+59 = 00102" in explorer.message
 
