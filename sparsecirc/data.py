@@ -21,7 +21,7 @@ import torch
 
 PLUS, EQUALS, BLANK = "+", "=", "?"
 VOCAB: tuple[str, ...] = tuple("0123456789") + (PLUS, EQUALS, BLANK)
-TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
+TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}  # a digit token's id is its value
 PLUS_ID, EQUALS_ID, BLANK_ID = TOKEN_ID[PLUS], TOKEN_ID[EQUALS], TOKEN_ID[BLANK]
 
 DATASET_FORMAT = "sparsecirc.addition-split/1"
@@ -147,14 +147,40 @@ class AdditionTask:
     def encode_problem(self, problem: str) -> tuple[list[int], list[int]]:
         return self.encode(*self.parse(problem))
 
-    def batch(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``[batch, seq_len]`` and answer targets ``[batch, answer_digits]`` (long)."""
+    def operand_tensor(self, pairs) -> torch.Tensor:
+        """``pairs`` as a checked long tensor ``[n, 2]`` of ``(a, b)``: a long tensor ``[n, 2]``
+        is checked in one vectorised pass; a list of pairs one by one (:meth:`check_pairs`)."""
+        if torch.is_tensor(pairs):
+            if pairs.dtype != torch.long or pairs.ndim != 2 or pairs.shape[1] != 2:
+                raise ValueError(f"an operand tensor must be long [n, 2], got {pairs.dtype} of shape {list(pairs.shape)}")
+            if len(pairs) == 0:
+                raise ValueError("need at least one problem, got an empty tensor")
+            if int(pairs.min()) < 0 or int(pairs.max()) > self.max_operand:
+                raise ValueError(f"operands must be in 0..{self.max_operand} for this task ({self.name}), "
+                                 f"got values in {int(pairs.min())}..{int(pairs.max())}")
+            return pairs
+        return torch.tensor(self.check_pairs(pairs), dtype=torch.long)
+
+    def encode_operands(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised encoding of checked operands ``a``, ``b`` (long ``[n]``): tokens
+        ``[n, seq_len]`` and answer targets ``[n, answer_digits]``, most significant first.
+        Digit tokens have the digit's value as id."""
+        n, d = len(a), self.operand_digits
+        powers = torch.tensor([10**k for k in reversed(range(d))])
+        total = a + b
+        answer = [total // 10**k % 10 if 10**k <= 2 * self.max_operand else torch.zeros_like(total)
+                  for k in reversed(range(self.answer_digits))]  # powers beyond the largest sum are 0 (and would overflow)
+        tokens = torch.cat([a[:, None] // powers % 10, torch.full((n, 1), PLUS_ID), b[:, None] // powers % 10,
+                            torch.full((n, 1), EQUALS_ID), torch.full((n, self.answer_digits), BLANK_ID)], dim=1)
+        return tokens, torch.stack(answer, dim=1)
+
+    def batch(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``[batch, seq_len]`` and answer targets ``[batch, answer_digits]`` (long) of
+        ``pairs``: a list of ``(a, b)`` or a long tensor ``[batch, 2]``."""
         if len(pairs) == 0:
             raise ValueError("cannot build a batch from an empty list of problems")
-        encoded = [self.encode(a, b) for a, b in pairs]
-        tokens = torch.tensor([e[0] for e in encoded], dtype=torch.long)
-        targets = torch.tensor([e[1] for e in encoded], dtype=torch.long)
-        return tokens, targets
+        operands = self.operand_tensor(pairs)
+        return self.encode_operands(operands[:, 0], operands[:, 1])
 
     # ---- decoding -----------------------------------------------------------------------
     def check_tokens(self, tokens, length: int | None = None) -> list[int]:

@@ -43,14 +43,22 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+MAX_FAILURES_LISTED = 1000
+
+
 @dataclass
 class Evaluation:
     n: int
     loss: float
     exact_match: float
     per_digit_accuracy: list[float]
-    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (problem, predicted, expected)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (problem, predicted, expected), the first MAX_FAILURES_LISTED
     open_edges: torch.Tensor | None = None  # [n, layer]: open edges per input and layer (gated models)
+
+    @property
+    def n_failures(self) -> int:
+        """All problems answered wrong (``failures`` lists at most ``MAX_FAILURES_LISTED``)."""
+        return self.n - round(self.exact_match * self.n)
 
     @property
     def mean_open_edges(self) -> float | None:
@@ -58,7 +66,7 @@ class Evaluation:
 
     def summary(self) -> dict:
         result = {"n": self.n, "loss": self.loss, "exact_match": self.exact_match,
-                  "per_digit_accuracy": self.per_digit_accuracy, "n_failures": len(self.failures)}
+                  "per_digit_accuracy": self.per_digit_accuracy, "n_failures": self.n_failures}
         if self.open_edges is not None:
             per_input = self.open_edges.sum(-1)
             result.update(mean_open_edges=self.mean_open_edges,
@@ -69,7 +77,7 @@ class Evaluation:
 
 def evaluate(model, task: AdditionTask, pairs, *, gate_bias: float | None = None, dense: bool = False,
              edge_mask: torch.Tensor | None = None, batch_size: int = 2500) -> Evaluation:
-    """Evaluate on ``pairs`` (a non-empty list of ``(a, b)``). Per-digit accuracy is listed from
+    """Evaluate on ``pairs`` (a non-empty list of ``(a, b)``, or a long tensor ``[n, 2]``). Per-digit accuracy is listed from
     the most significant answer slot to the units.
 
     The model runs with its own gating (a sparse model: deterministic gates at its bias) unless
@@ -78,15 +86,15 @@ def evaluate(model, task: AdditionTask, pairs, *, gate_bias: float | None = None
     (ablations). With gates, the result counts the open edges of every input.
     """
     check_task(model, task)
-    pairs = task.check_pairs(pairs)
-    slices = batch_slices(len(pairs), batch_size)
+    operands = task.operand_tensor(pairs)  # [n, 2], checked once
+    slices = batch_slices(len(operands), batch_size)
     total_loss, correct_digits, correct_exact, failures = 0.0, torch.zeros(task.answer_digits), 0, []
     open_edges = []
     with analysis_run(model, gate_bias=gate_bias, dense=dense, edge_mask=edge_mask) as gates:
         counts_edges = gates.mode != "dense" or edge_mask is not None
         for part in slices:
-            chunk = pairs[part]
-            tokens, targets = task.batch(chunk)
+            chunk = operands[part]
+            tokens, targets = task.encode_operands(chunk[:, 0], chunk[:, 1])
             logits = answer_logits(model, tokens, task)
             if counts_edges:
                 open_edges.append(gates.open_edges.sum(-1))  # [batch, layer]
@@ -96,11 +104,12 @@ def evaluate(model, task: AdditionTask, pairs, *, gate_bias: float | None = None
             correct_digits += right.float().sum(0)
             exact = right.all(-1)
             correct_exact += int(exact.sum())
-            for i in (~exact).nonzero().flatten().tolist():
-                a, b = chunk[i]
+            wrong = (~exact).nonzero().flatten().tolist()[:MAX_FAILURES_LISTED - len(failures)]
+            for i in wrong:  # Python work only for the failures listed
+                a, b = chunk[i].tolist()
                 failures.append((task.format_problem(a, b),
                                  "".join(VOCAB[t] for t in predicted[i].tolist()), task.answer(a, b)))
-    n = len(pairs)
+    n = len(operands)
     return Evaluation(n, total_loss / n, correct_exact / n, (correct_digits / n).tolist(), failures,
                       torch.cat(open_edges) if counts_edges else None)
 
