@@ -24,7 +24,8 @@ VOCAB: tuple[str, ...] = tuple("0123456789") + (PLUS, EQUALS, BLANK)
 TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}  # a digit token's id is its value
 PLUS_ID, EQUALS_ID, BLANK_ID = TOKEN_ID[PLUS], TOKEN_ID[EQUALS], TOKEN_ID[BLANK]
 
-DATASET_FORMAT = "sparsecirc.addition-split/1"
+DATASET_FORMAT = "sparsecirc.addition-split/2"
+DATASET_FORMAT_1 = "sparsecirc.addition-split/1"  # every problem listed; still read
 
 
 def _shorten(text: str, limit: int = 40) -> str:
@@ -246,7 +247,8 @@ class AdditionTask:
 
 @dataclass(frozen=True)
 class AdditionSplit:
-    """A train/test split of every problem of a task, as ``(a, b)`` pairs."""
+    """A train/test split of a task's problems, as ``(a, b)`` pairs: usually every problem
+    (:func:`make_split`), or any disjoint sample of them."""
 
     task: AdditionTask
     train: tuple[tuple[int, int], ...]
@@ -256,6 +258,18 @@ class AdditionSplit:
     @property
     def all(self) -> tuple[tuple[int, int], ...]:
         return self.train + self.test
+
+
+def sample_pairs(pairs, size: int, seed: int) -> tuple[tuple[int, int], ...]:
+    """A fixed sample of ``size`` of ``pairs`` drawn with ``seed``, in their original order;
+    all of them if there are no more than ``size``. Used to evaluate during a run."""
+    pairs = tuple(pairs)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"a sample needs a positive int size, got {size!r}")
+    if len(pairs) <= size:
+        return pairs
+    chosen = sorted(random.Random(seed).sample(range(len(pairs)), size))
+    return tuple(pairs[i] for i in chosen)
 
 
 MAX_ENUMERATED_PROBLEMS = 10**6  # 3-digit operands; 4 digits would be 10^8 pairs in memory
@@ -276,40 +290,66 @@ def make_split(task: AdditionTask = AdditionTask(), test_size: int = 1000, seed:
     return AdditionSplit(task, train, test, seed)
 
 
+REST = "every other problem"  # the train field of a split that holds the whole task
+
+
 def save_split(split: AdditionSplit, path: str | Path) -> Path:
-    """Write the split as JSON (format ``sparsecirc.addition-split/1``)::
+    """Write the split as JSON (format ``sparsecirc.addition-split/2``)::
 
-        {"format": ..., "operand_digits": 2, "answer_digits": 5, "seed": 0,
-         "train": ["00+00", ...], "test": ["00+07", ...]}
+        {"format": ..., "operand_digits": 2, "answer_digits": 5, "seed": 0, "n_train": 9000,
+         "n_test": 1000, "test": ["00+07", ...], "train": "every other problem"}
 
+    A split made by :func:`make_split` stores only what cannot be recomputed: the task, the
+    seed and the held-out problems; training is every other problem (11 kB for 1,000 held out
+    of 1,000,000). Any other split, for instance a sample built in Python, stores both lists.
     An existing file is left alone if it holds the same split; a different file is never
     overwritten (``FileExistsError``): move it or choose another path.
     """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; give a file path such as {path / (split.task.name + '.json')}")
+    task = split.task
+    whole = (task.n_problems <= MAX_ENUMERATED_PROBLEMS and len(split.train) + len(split.test) == task.n_problems
+             and 0 < len(split.test) < task.n_problems and split == make_split(task, len(split.test), split.seed))
     record = {
         "format": DATASET_FORMAT,
-        "operand_digits": split.task.operand_digits,
-        "answer_digits": split.task.answer_digits,
+        "operand_digits": task.operand_digits,
+        "answer_digits": task.answer_digits,
         "seed": split.seed,
         "n_train": len(split.train),
         "n_test": len(split.test),
-        "train": [split.task.format_problem(a, b) for a, b in split.train],
-        "test": [split.task.format_problem(a, b) for a, b in split.test],
+        "test": [task.format_problem(a, b) for a, b in split.test],
+        "train": REST if whole else [task.format_problem(a, b) for a, b in split.train],
     }
-    text = json.dumps(record, indent=0) + "\n"
     if path.exists():
-        if path.read_text() == text:
+        try:
+            same = load_split(path) == split
+        except ValueError:
+            same = False
+        if same:
             return path
         raise FileExistsError(f"{path} exists and holds a different dataset; not overwriting it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_text(json.dumps(record, indent=0) + "\n")
     return path
 
 
+def _parse_all(task: AdditionTask, problems, path: Path, name: str) -> tuple[tuple[int, int], ...]:
+    if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
+        raise ValueError(f"{path}: {name} must be a list of problem strings")
+    try:
+        pairs = tuple(task.parse(p) for p in problems)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"{path}: {len(pairs) - len(set(pairs))} problems appear twice in {name}")
+    return pairs
+
+
 def load_split(path: str | Path) -> AdditionSplit:
-    """Read a split written by :func:`save_split`, checking that it is whole and consistent."""
+    """Read a split written by :func:`save_split` (format 2, or format 1 which listed every
+    problem), checking it: every problem parses, train and held-out are disjoint, counts match,
+    and a whole-task split's held-out problems are exactly those its seed draws."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {path}" + (" (it is a directory)" if path.is_dir() else ""))
@@ -317,25 +357,39 @@ def load_split(path: str | Path) -> AdditionSplit:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not a sparsecirc dataset (not valid JSON text: {err})") from None
-    if not isinstance(record, dict) or record.get("format") != DATASET_FORMAT:
+    formats = (DATASET_FORMAT, DATASET_FORMAT_1)
+    if not isinstance(record, dict) or record.get("format") not in formats:
         raise ValueError(f"{path} is not a sparsecirc dataset (expected format {DATASET_FORMAT!r})")
     missing = [k for k in ("operand_digits", "answer_digits", "seed", "n_train", "n_test", "train", "test") if k not in record]
     if missing:
         raise ValueError(f"{path}: the dataset lacks {missing}")
-    if not all(isinstance(record[k], list) and all(isinstance(p, str) for p in record[k]) for k in ("train", "test")):
-        raise ValueError(f"{path}: train and test must be lists of problem strings")
+    seed = record["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{path}: seed must be an int, got {seed!r}")
     task = AdditionTask(record["operand_digits"], record["answer_digits"])
-    try:
-        train = tuple(task.parse(p) for p in record["train"])
-        test = tuple(task.parse(p) for p in record["test"])
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    if len(train) != record["n_train"] or len(test) != record["n_test"]:
-        raise ValueError(f"{path}: problem counts do not match n_train/n_test")
+    test = _parse_all(task, record["test"], path, "test")
+    if len(test) != record["n_test"]:
+        raise ValueError(f"{path}: {len(test)} held-out problems, but n_test says {record['n_test']}")
+    if record["train"] == REST and record["format"] == DATASET_FORMAT:
+        if task.n_problems > MAX_ENUMERATED_PROBLEMS:
+            raise ValueError(f"{path}: {task.name} has {task.n_problems:,} problems, too many to enumerate as "
+                             f"training problems; list them explicitly (a sampled split)")
+        if not 0 < len(test) < task.n_problems:
+            raise ValueError(f"{path}: a whole-task split needs 1..{task.n_problems - 1} held-out problems")
+        expected = make_split(task, len(test), seed)
+        if expected.test != tuple(sorted(test)):
+            raise ValueError(f"{path}: the held-out problems are not the {len(test)} that seed {seed} draws "
+                             f"(a problem was moved or the seed was changed)")
+        if record["n_train"] != len(expected.train):
+            raise ValueError(f"{path}: n_train says {record['n_train']}, the task leaves {len(expected.train)}")
+        return expected
+    train = _parse_all(task, record["train"], path, "train")
+    if len(train) != record["n_train"]:
+        raise ValueError(f"{path}: {len(train)} training problems, but n_train says {record['n_train']}")
     if not train or not test:
         raise ValueError(f"{path}: the split needs at least one training and one held-out problem")
     if set(train) & set(test):
         raise ValueError(f"{path}: {len(set(train) & set(test))} problems are in both train and test")
-    if len(set(train)) + len(set(test)) != task.n_problems or len(train) + len(test) != task.n_problems:
+    if record["format"] == DATASET_FORMAT_1 and len(train) + len(test) != task.n_problems:
         raise ValueError(f"{path}: the split must hold each of the {task.n_problems} problems exactly once")
-    return AdditionSplit(task, train, test, record["seed"])
+    return AdditionSplit(task, train, test, seed)

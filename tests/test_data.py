@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from sparsecirc.data import BLANK_ID, VOCAB, AdditionTask, load_split, make_split, save_split
+from sparsecirc.data import (BLANK_ID, REST, VOCAB, AdditionSplit, AdditionTask, load_split, make_split,
+                             sample_pairs, save_split)
 
 TASK = AdditionTask()
 
@@ -122,15 +123,28 @@ def test_split_counts_disjoint_and_seeded():
 def test_save_load_round_trip_and_no_overwrite(tmp_path):
     split = make_split(AdditionTask(1, 2), test_size=20, seed=3)
     path = save_split(split, tmp_path / "d.json")
+    assert json.loads(path.read_text())["train"] == REST  # a whole-task split stores only the held-out problems
     assert load_split(path) == split
     save_split(split, path)  # same content: allowed, nothing changes
     with pytest.raises(FileExistsError, match="different dataset"):
         save_split(make_split(AdditionTask(1, 2), test_size=20, seed=4), path)
 
 
-def test_load_rejects_broken_files(tmp_path):
+def test_a_sampled_split_round_trips_with_both_lists(tmp_path):
+    whole = make_split(AdditionTask(1, 2), test_size=20, seed=3)
+    sampled = AdditionSplit(whole.task, whole.train[:30], whole.test[:5], seed=3)
+    path = save_split(sampled, tmp_path / "s.json")
+    assert len(json.loads(path.read_text())["train"]) == 30
+    assert load_split(path) == sampled
+    big = AdditionTask(4, 5)  # 10^8 problems: too many to enumerate, fine to sample
+    four = AdditionSplit(big, ((1234, 5678), (9999, 1)), ((42, 4242),), seed=0)
+    assert load_split(save_split(four, tmp_path / "four.json")) == four
+
+
+def test_load_rejects_broken_and_edited_files(tmp_path):
     split = make_split(AdditionTask(1, 2), test_size=20, seed=3)
     record = json.loads(save_split(split, tmp_path / "d.json").read_text())
+    listed = dict(record, train=[split.task.format_problem(a, b) for a, b in split.train])
 
     def write(name, content):
         p = tmp_path / name
@@ -141,15 +155,59 @@ def test_load_rejects_broken_files(tmp_path):
         load_split(write("a.json", "{not json"))
     with pytest.raises(ValueError, match="not a sparsecirc dataset"):
         load_split(write("b.json", {"format": "other"}))
-    overlap = dict(record, test=record["test"][:-1] + [record["train"][0]])
+    moved = sorted(set(record["test"][1:]) | {listed["train"][0]})  # one held-out problem swapped for a training one
+    with pytest.raises(ValueError, match="not the 20 that seed 3 draws"):
+        load_split(write("c.json", dict(record, test=moved)))
+    with pytest.raises(ValueError, match="not the 20 that seed 4 draws"):
+        load_split(write("d.json", dict(record, seed=4)))
+    overlap = dict(listed, test=record["test"][:-1] + [listed["train"][0]])
     with pytest.raises(ValueError, match="in both train and test"):
-        load_split(write("c.json", overlap))
-    short = dict(record, train=record["train"][:-1], n_train=record["n_train"] - 1)
-    with pytest.raises(ValueError, match="exactly once"):
-        load_split(write("d.json", short))
-    garbage = dict(record, train=["1x+2"] + record["train"][1:])
+        load_split(write("e.json", overlap))
+    twice = dict(listed, train=listed["train"][:-1] + listed["train"][:1])
+    with pytest.raises(ValueError, match="appear twice in train"):
+        load_split(write("f.json", twice))
     with pytest.raises(ValueError, match="cannot parse"):
-        load_split(write("e.json", garbage))
+        load_split(write("g.json", dict(listed, train=["1x+2"] + listed["train"][1:])))
+    with pytest.raises(ValueError, match="n_train"):
+        load_split(write("h.json", dict(record, n_train=7)))
+    four = {"format": record["format"], "operand_digits": 4, "answer_digits": 5, "seed": 0, "n_train": 1,
+            "n_test": 1, "test": ["0001+0002"], "train": REST}
+    with pytest.raises(ValueError, match="too many to enumerate"):
+        load_split(write("i.json", four))
+
+
+def test_format_1_files_still_load_and_must_be_whole(tmp_path):
+    split = make_split(AdditionTask(1, 2), test_size=20, seed=3)
+    record = {"format": "sparsecirc.addition-split/1", "operand_digits": 1, "answer_digits": 2, "seed": 3,
+              "n_train": len(split.train), "n_test": len(split.test),
+              "train": [split.task.format_problem(a, b) for a, b in split.train],
+              "test": [split.task.format_problem(a, b) for a, b in split.test]}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(record))
+    assert load_split(path) == split
+    save_split(split, path)  # the same split in the old format: left alone
+    short = dict(record, train=record["train"][:-1], n_train=record["n_train"] - 1)
+    path.write_text(json.dumps(short))
+    with pytest.raises(ValueError, match="exactly once"):
+        load_split(path)
+
+
+def test_a_three_digit_split_file_is_small(tmp_path):
+    split = make_split(AdditionTask(3, 5), test_size=1000, seed=0)
+    path = save_split(split, tmp_path / "d3.json")
+    assert path.stat().st_size < 20_000  # 1,000 held-out problems, not 1,000,000 lines
+    assert load_split(path) == split
+
+
+def test_evaluation_samples_are_fixed_and_stay_inside_their_split():
+    split = make_split(AdditionTask(2, 5), test_size=1000, seed=0)
+    train_sample = sample_pairs(split.train, 500, seed=0)
+    assert train_sample == sample_pairs(split.train, 500, seed=0) != sample_pairs(split.train, 500, seed=1)
+    assert len(set(train_sample)) == 500 and set(train_sample) <= set(split.train)
+    assert not set(train_sample) & set(split.test)  # the training-side sample never sees a held-out problem
+    assert sample_pairs(split.test, 5000, seed=0) == split.test  # no larger than the size: the whole split
+    with pytest.raises(ValueError, match="positive int size"):
+        sample_pairs(split.test, 0, seed=0)
 
 
 def test_shipped_dataset_is_the_default_split():
