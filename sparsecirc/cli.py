@@ -81,7 +81,8 @@ def cmd_train(args) -> dict:
     config = ModelConfig(split.task.operand_digits, split.task.answer_digits, n_layers=args.n_layers,
                          n_heads=args.n_heads, d_head=args.d_head, d_model=args.d_model, d_mlp=args.d_mlp,
                          seed=args.seed)
-    train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed)
+    train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
+                               eval_size=args.eval_size, seed=args.seed)
     out = _output_path(args.out, f"{config.name}_base.pt", "cli_train", args.force)
     model = build_model(config)
     start = time.perf_counter()
@@ -109,7 +110,7 @@ def cmd_sparsify(args) -> dict:
         raise ValueError(f"{args.base} is already a sparse checkpoint; start from a dense base model")
     config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, early_slack=args.early_slack,
                             slack=args.slack, final_slack=args.final_slack, weight_decay=args.weight_decay,
-                            prune_at=args.prune_at, seed=args.seed)
+                            prune_at=args.prune_at, eval_size=args.eval_size, seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
     out = _output_path(args.out, f"{sparse_config.name}.pt", "cli_sparsify", args.force)
     start = time.perf_counter()
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=train_defaults.lr)
     p.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
     p.add_argument("--max-steps", type=int, default=train_defaults.max_steps)
+    p.add_argument("--eval-size", type=int, default=train_defaults.eval_size,
+                   help="training and held-out problems evaluated during the run, a fixed seeded sample "
+                        "(the whole split if it is no larger); everything is evaluated once at the end")
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
     p.set_defaults(run=cmd_train)
 
@@ -175,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-at", type=float, default=sparsify_defaults.prune_at,
                    help="fraction of the steps from which duplicate edges (a second head on the same "
                         "query and key) are closed for good; 0 turns it off")
+    p.add_argument("--eval-size", type=int, default=sparsify_defaults.eval_size,
+                   help="training problems the selection and the pruning passes evaluate, a fixed seeded sample "
+                        "(the whole split if it is no larger)")
     p.add_argument("--seed", type=int, default=sparsify_defaults.seed)
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
     p.set_defaults(run=cmd_sparsify)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .circuit import edge_usage
-from .data import AdditionSplit
+from .data import AdditionSplit, sample_pairs
 from .evaluation import answer_logits, answer_loss, check_task, evaluate
 from .sparse_attention import gate_bias_of, set_gate_bias, sparse_attention
 from .training import PROGRESS_INTERVAL, check_field_types
@@ -45,7 +45,9 @@ class SparsifyConfig:
     stops moving and the multiplier buys back the last errors with as few edges as it can
     (without this window the run ends jittering at 97-99% exact match). Every ``eval_every``
     steps (twice as often in the final window) the model is evaluated with deterministic gates
-    on the training split; the run ends in the evaluated state with the fewest open edges among
+    on a fixed sample of ``eval_size`` training problems (the whole training split when it is no
+    larger, as for two digits; pruning passes and the base loss use the same sample); the run
+    ends in the evaluated state with the fewest open edges among
     those whose exact match there is at least ``select_accuracy`` (the held-out split never
     steers the choice). The default, 99.95% (at most 4 of 9,000 training problems wrong), sits
     above the 99.9% bar every run must meet on all problems: a state chosen at exactly 99.9%
@@ -88,6 +90,7 @@ class SparsifyConfig:
     multiplier_min: float = 10.0  # a floor: the loss keeps a say, so sparsity cannot run away unopposed
     multiplier_max: float = 1e4
     eval_every: int = 100
+    eval_size: int = 10_000
     select_accuracy: float = 0.9995
     prune_at: float = 0.4
     prune_until: float = 0.6
@@ -99,8 +102,8 @@ class SparsifyConfig:
         check_field_types(self)
         if not 0 <= self.select_accuracy <= 1:
             raise ValueError(f"select_accuracy must be in [0, 1], got {self.select_accuracy}")
-        if self.lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1:
-            raise ValueError(f"lr, batch_size, steps and eval_every must be positive: {self}")
+        if self.lr <= 0 or self.batch_size < 1 or self.steps < 1 or self.eval_every < 1 or self.eval_size < 1:
+            raise ValueError(f"lr, batch_size, steps, eval_every and eval_size must be positive: {self}")
         if not 0 <= self.decay_fraction <= 1 or not 0 < self.final_lr_scale <= 1:
             raise ValueError(f"need 0 <= decay_fraction <= 1 and 0 < final_lr_scale <= 1, got "
                              f"{self.decay_fraction} and {self.final_lr_scale}")
@@ -209,9 +212,10 @@ def sparsify_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor,
             "closed_push": push.item()}
 
 
-def base_loss(model, split: AdditionSplit) -> float:
-    """Cross-entropy of the dense model on the training split: the reference for tau."""
-    return evaluate(model, split.task, split.train).loss
+def base_loss(model, split: AdditionSplit, eval_size: int = SparsifyConfig.eval_size, seed: int = 0) -> float:
+    """Cross-entropy of the dense model on the training split (on a sample of ``eval_size``
+    drawn with ``seed`` if it is larger): the reference for tau."""
+    return evaluate(model, split.task, sample_pairs(split.train, eval_size, seed)).loss
 
 
 def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfig(), progress: bool = True,
@@ -231,7 +235,9 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                          f"dense base model")
     task = split.task
     check_task(model, task)
-    base = base_loss(model, split) if base is None else base
+    train_sample = sample_pairs(split.train, config.eval_size, config.seed)  # decisions: selection, pruning, tau
+    test_sample = sample_pairs(split.test, config.eval_size, config.seed)  # only reported
+    base = base_loss(model, split, config.eval_size, config.seed) if base is None else base
     tokens, targets = task.batch(list(split.train))
     batch_generator = torch.Generator().manual_seed(config.seed)
     gate_generator = torch.Generator().manual_seed(config.seed + 1)
@@ -263,12 +269,12 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                    "tau": multiplier.tau, "multiplier": lam, "constraint_ema": multiplier.constraint_ema, **stats}
             if config.prunes_at(step):
                 keep = None if closed is None else (~closed).float()
-                _, mass = edge_usage(model, task, split.train, gate_bias=config.gate_bias, edge_mask=keep)
+                _, mass = edge_usage(model, task, train_sample, gate_bias=config.gate_bias, edge_mask=keep)
                 closed = duplicate_edges(mass) if closed is None else closed | duplicate_edges(mass)
                 row["closed_edges"] = int(closed.sum())
             if config.evaluates_at(step):
-                on_train = evaluate(model, task, split.train, gate_bias=config.gate_bias)
-                on_test = evaluate(model, task, split.test, gate_bias=config.gate_bias)
+                on_train = evaluate(model, task, train_sample, gate_bias=config.gate_bias)
+                on_test = evaluate(model, task, test_sample, gate_bias=config.gate_bias)
                 row.update(train_exact_match=on_train.exact_match, train_edges=on_train.mean_open_edges,
                            test_exact_match=on_test.exact_match, test_loss=on_test.loss, test_edges=on_test.mean_open_edges)
                 if on_train.exact_match >= config.select_accuracy and (best is None or on_train.mean_open_edges <= best[0]):

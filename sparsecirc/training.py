@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from tqdm.auto import tqdm
 
-from .data import AdditionSplit
+from .data import AdditionSplit, sample_pairs
 from .evaluation import answer_logits, answer_loss, check_task, evaluate
 from .sparse_attention import gate_bias_of
 
@@ -35,7 +35,12 @@ def check_field_types(config) -> None:
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimiser and schedule. Stops when the *training* split reaches ``target_accuracy``
-    exact match (the held-out split never steers training) or after ``max_steps``."""
+    exact match (the held-out split never steers training) or after ``max_steps``.
+
+    Every ``eval_every`` steps the run evaluates a fixed sample of ``eval_size`` training and
+    ``eval_size`` held-out problems drawn with ``seed`` (a split no larger is evaluated whole:
+    the 2-digit split of 9,000 + 1,000 always is, so notebook 02 reproduces). Whole splits and
+    all problems are evaluated once, at the end, by the caller (``python -m sparsecirc train``)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -43,14 +48,15 @@ class TrainConfig:
     max_steps: int = 2000
     eval_every: int = 50
     target_accuracy: float = 1.0
+    eval_size: int = 10_000
     seed: int = 0
 
     def __post_init__(self):
         check_field_types(self)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.lr <= 0 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
-            raise ValueError(f"lr, batch_size, max_steps and eval_every must be positive: {self}")
+        if self.lr <= 0 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1 or self.eval_size < 1:
+            raise ValueError(f"lr, batch_size, max_steps, eval_every and eval_size must be positive: {self}")
         if not 0 < self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
 
@@ -70,12 +76,14 @@ def train_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor, ta
 def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), progress: bool = True) -> list[dict]:
     """Train ``model`` in place on ``split.train``. Returns the history: one dict per
     evaluation with ``step``, ``seconds``, ``train_loss`` (running mean since the last
-    evaluation), and train/test ``loss`` and ``exact_match``."""
+    evaluation), and train/test ``loss`` and ``exact_match`` on the evaluation samples."""
     task = split.task
     check_task(model, task)
     if gate_bias_of(model) is not None:
         raise ValueError(f"this is a sparse model (gate_bias {gate_bias_of(model)}); train trains dense base models")
     train_tokens, train_targets = task.batch(list(split.train))
+    train_sample = sample_pairs(split.train, config.eval_size, config.seed)  # steers the stopping rule
+    test_sample = sample_pairs(split.test, config.eval_size, config.seed)  # only reported
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, running, start = [], [], time.perf_counter()
@@ -86,8 +94,8 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
             index = torch.randint(len(train_tokens), (config.batch_size,), generator=generator)
             running.append(train_step(model, optimizer, train_tokens[index], train_targets[index], task))
             if step % config.eval_every == 0 or step == config.max_steps:
-                on_train = evaluate(model, task, split.train)
-                on_test = evaluate(model, task, split.test)
+                on_train = evaluate(model, task, train_sample)
+                on_test = evaluate(model, task, test_sample)
                 history.append({
                     "step": step, "seconds": time.perf_counter() - start,
                     "train_loss": sum(running) / len(running),

@@ -146,3 +146,25 @@ def test_cli_refuses_an_output_path_through_a_file_before_training(tmp_path, cap
     assert main(["data", "--operand-digits", "1", "--answer-digits", "2", "--out", str(tmp_path / "somefile" / "d.json")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "somefile").read_text() == "mine"
+
+
+def test_cli_three_digits_end_to_end_with_sampled_evaluation(tmp_path, capsys):
+    """A tiny 3-digit run through the CLI: a compact split file, training and sparsification that
+    evaluate a sample of 200 problems during the run, and all 1,000,000 problems at the end."""
+    data = tmp_path / "d3.json"
+    assert main(["data", "--operand-digits", "3", "--answer-digits", "5", "--test-size", "1000", "--out", str(data)]) == 0
+    assert data.stat().st_size < 20_000
+    capsys.readouterr()
+    base, sparse = tmp_path / "base.pt", tmp_path / "sparse.pt"
+    assert main(["train", "--data", str(data), "--out", str(base), *TINY_TRAIN, "--max-steps", "20",
+                 "--eval-size", "200", "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["all"]["n"] == 1_000_000 and trained["test"]["n"] == 1000 and trained["steps"] == 20
+    assert main(["sparsify", "--base", str(base), "--data", str(data), "--out", str(sparse), "--steps", "10",
+                 "--eval-size", "200", "--json"]) == 0
+    sparsified = json.loads(capsys.readouterr().out)
+    assert sparsified["all"]["n"] == 1_000_000 and sparsified["all"]["mean_open_edges"] is not None
+    from sparsecirc import load_checkpoint
+
+    history = load_checkpoint(sparse)[1].extra["history"]
+    assert history[-1]["step"] == 10 and "train_exact_match" in history[-1]
