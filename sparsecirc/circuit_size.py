@@ -117,6 +117,15 @@ class Patcher:
             keep[row, order[:k]] = 1
         return self._explained(self.run(keep.view(len(ks), *self.shape), desc="head curve"), effects)
 
+    def curves(self, effects: PatchingEffects) -> dict[str, tuple[list[int], torch.Tensor]]:
+        """Both curves at the usual points: ``{"heads": (ks, explained), "edges": (ks, explained)}``,
+        every head count, and edge counts 0-64 then about 10% apart up to every causal edge."""
+        n_layers, n_heads, seq_len, _ = self.shape
+        n_edges = n_layers * n_heads * seq_len * (seq_len + 1) // 2
+        head_ks = list(range(n_layers * n_heads + 1))
+        edge_ks = sorted(k for k in set(range(65)) | {round(1.1 ** i) for i in range(90)} | {n_edges} if k <= n_edges)
+        return {"heads": (head_ks, self.head_curve(effects, head_ks)), "edges": (edge_ks, self.edge_curve(effects, edge_ks))}
+
     @staticmethod
     def _explained(metric: torch.Tensor, effects: PatchingEffects) -> torch.Tensor:
         return (metric - effects.corrupted) / effects.full_effect

@@ -143,3 +143,31 @@ def plot_edge_count_distribution(edges_per_input, title: str = "Open edges per i
     ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     return fig
+
+
+def plot_size_curves(curves: dict[str, dict], level: float = 0.9, colours: dict[str, str] | None = None):
+    """Explained effect against heads kept (left) and edges kept (right, log scale), one line per
+    model, with the count each needs to reach ``level`` marked. ``curves``: ``{model name:
+    Patcher.curves(...)}``. Returns the figure."""
+    from .circuit_size import needed_for
+
+    colours = colours or {}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, kind in zip(axes, ("heads", "edges")):
+        for name, by_kind in curves.items():
+            ks, explained = by_kind[kind]
+            needed = needed_for(ks, explained, level)
+            xs = ks if kind == "heads" else [max(k, 0.8) for k in ks]  # k = 0 drawn at 0.8 on the log axis
+            line, = ax.plot(xs, explained.tolist(), "o-" if kind == "heads" else "-", ms=3, color=colours.get(name),
+                            label=f"{name}: {needed} {kind} for {level:.0%}")
+            if needed is not None:
+                ax.axvline(needed, color=line.get_color(), ls=":", lw=1)
+        ax.axhline(level, color="k", lw=0.8, ls="--")
+        ax.set(xlabel=f"{kind} kept (ranked by effect)", ylabel="explained effect",
+               title=f"explained effect against {kind} kept", ylim=(-0.05, 1.05))
+        if kind == "edges":
+            ax.set_xscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

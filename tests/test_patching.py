@@ -77,6 +77,19 @@ def test_explained_effect_is_one_with_everything_kept_and_zero_with_nothing(tiny
     assert head_curve[0].item() == pytest.approx(0.0, abs=1e-5) and head_curve[-1].item() == pytest.approx(1.0, abs=1e-5)
     assert needed_for(list(range(n_heads + 1)), head_curve, 1.0 - 1e-5) is not None
     assert needed_for([0, 1], torch.tensor([0.1, 0.2]), 0.9) is None
+    curves = patcher.curves(effects)  # the usual points, as notebooks 05 and 06 draw them
+    head_ks, heads = curves["heads"]
+    edge_ks, edges = curves["edges"]
+    assert head_ks == list(range(n_heads + 1)) and torch.allclose(heads, head_curve)
+    assert edge_ks[0] == 0 and edge_ks[-1] == n_edges and edge_ks == sorted(set(edge_ks))
+    assert edges[-1].item() == pytest.approx(1.0, abs=1e-5)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sparsecirc.plots import plot_size_curves
+
+    fig = plot_size_curves({"tiny": curves}, level=0.5)
+    assert len(fig.axes) == 2 and "for 50%" in fig.axes[1].get_legend().get_texts()[0].get_text()
 
 
 def test_closed_edges_have_no_effect_in_a_sparse_model(tiny_model_and_pairs):
