@@ -29,16 +29,25 @@ def data_dir() -> Path:
     return repo_root() / "data"
 
 
-def reference_dataset_path() -> Path:
-    return data_dir() / "add_d2_a5.json"
+SHIPPED_OPERAND_DIGITS = (2, 3)  # the widths with a shipped split and reference models
 
 
-def reference_base_checkpoint_path() -> Path:
-    return data_dir() / "reference" / "add_d2_l4_h4_base.pt"
+def _shipped(operand_digits: int) -> int:
+    if operand_digits not in SHIPPED_OPERAND_DIGITS:
+        raise ValueError(f"reference files are shipped for operand_digits in {SHIPPED_OPERAND_DIGITS}, got {operand_digits!r}")
+    return operand_digits
 
 
-def reference_sparse_checkpoint_path() -> Path:
-    return data_dir() / "reference" / "add_d2_l4_h4_sparse.pt"
+def reference_dataset_path(operand_digits: int = 2) -> Path:
+    return data_dir() / f"add_d{_shipped(operand_digits)}_a5.json"
+
+
+def reference_base_checkpoint_path(operand_digits: int = 2) -> Path:
+    return data_dir() / "reference" / f"add_d{_shipped(operand_digits)}_l4_h4_base.pt"
+
+
+def reference_sparse_checkpoint_path(operand_digits: int = 2) -> Path:
+    return data_dir() / "reference" / f"add_d{_shipped(operand_digits)}_l4_h4_sparse.pt"
 
 
 def figures_dir() -> Path:

@@ -168,3 +168,18 @@ def test_cli_three_digits_end_to_end_with_sampled_evaluation(tmp_path, capsys):
 
     history = load_checkpoint(sparse)[1].extra["history"]
     assert history[-1]["step"] == 10 and "train_exact_match" in history[-1]
+
+
+def test_a_sampled_four_digit_split_trains_through_the_cli(tmp_path, capsys):
+    """Four digits cannot be enumerated (`data` refuses them), but a sampled split works."""
+    import random
+
+    from sparsecirc import AdditionSplit, AdditionTask, save_split
+
+    task, rng = AdditionTask(4, 5), random.Random(0)
+    pairs = sorted({(rng.randrange(10_000), rng.randrange(10_000)) for _ in range(300)})
+    data = save_split(AdditionSplit(task, tuple(pairs[:250]), tuple(pairs[250:]), seed=0), tmp_path / "d4.json")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), *TINY_TRAIN, "--max-steps", "5",
+                 "--eval-size", "50", "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["all"]["n"] == len(pairs) and trained["config"] == "add_d4_l1_h2"

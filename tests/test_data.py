@@ -215,3 +215,13 @@ def test_shipped_dataset_is_the_default_split():
 
     split = load_split(reference_dataset_path())
     assert split == make_split(TASK, 1000, 0)
+
+
+def test_shipped_three_digit_split_and_paths():
+    from sparsecirc.paths import reference_dataset_path, reference_sparse_checkpoint_path
+
+    split = load_split(reference_dataset_path(operand_digits=3))
+    assert split == make_split(AdditionTask(3, 5), 10_000, 0) and len(split.train) == 990_000
+    assert reference_sparse_checkpoint_path(operand_digits=3).is_file()
+    with pytest.raises(ValueError, match="shipped for operand_digits in"):
+        reference_dataset_path(operand_digits=4)
