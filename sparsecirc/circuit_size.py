@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluation import check_task
-from .gates import causal_mask
+from .gates import causal_mask, n_causal_pairs
 from .patching import PatchingPairs, logit_difference, patched_logits, record_attention
 
 
@@ -121,7 +121,7 @@ class Patcher:
         """Both curves at the usual points: ``{"heads": (ks, explained), "edges": (ks, explained)}``,
         every head count, and edge counts 0-64 then about 10% apart up to every causal edge."""
         n_layers, n_heads, seq_len, _ = self.shape
-        n_edges = n_layers * n_heads * seq_len * (seq_len + 1) // 2
+        n_edges = n_layers * n_heads * n_causal_pairs(seq_len)
         head_ks = list(range(n_layers * n_heads + 1))
         edge_ks = sorted(k for k in set(range(65)) | {round(1.1 ** i) for i in range(90)} | {n_edges} if k <= n_edges)
         return {"heads": (head_ks, self.head_curve(effects, head_ks)), "edges": (edge_ks, self.edge_curve(effects, edge_ks))}

@@ -141,9 +141,8 @@ class AdditionTask:
     def encode(self, a: int, b: int) -> tuple[list[int], list[int]]:
         """Token ids of the input line ``[seq_len]`` and of the answer digits ``[answer_digits]``."""
         self.check_operands(a, b)
-        d = self.operand_digits
-        text = str(a).zfill(d) + PLUS + str(b).zfill(d) + EQUALS + BLANK * self.answer_digits
-        return [TOKEN_ID[c] for c in text], [TOKEN_ID[c] for c in self.answer(a, b)]
+        tokens, targets = self.encode_operands(torch.tensor([a]), torch.tensor([b]))
+        return tokens[0].tolist(), targets[0].tolist()
 
     def encode_problem(self, problem: str) -> tuple[list[int], list[int]]:
         return self.encode(*self.parse(problem))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
+from .circuit_size import needed_for
 from .data import VOCAB, AdditionTask
 
 
@@ -149,8 +150,6 @@ def plot_size_curves(curves: dict[str, dict], level: float = 0.9, colours: dict[
     """Explained effect against heads kept (left) and edges kept (right, log scale), one line per
     model, with the count each needs to reach ``level`` marked. ``curves``: ``{model name:
     Patcher.curves(...)}``. Returns the figure."""
-    from .circuit_size import needed_for
-
     colours = colours or {}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, kind in zip(axes, ("heads", "edges")):
