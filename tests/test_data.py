@@ -225,3 +225,16 @@ def test_shipped_three_digit_split_and_paths():
     assert reference_sparse_checkpoint_path(operand_digits=3).is_file()
     with pytest.raises(ValueError, match="shipped for operand_digits in"):
         reference_dataset_path(operand_digits=4)
+
+
+def test_operand_tensors_and_sample_sizes_are_checked_at_the_door():
+    task = AdditionTask(2, 5)
+    tokens, targets = task.batch(torch.tensor([[36, 28], [99, 99]]))
+    assert tokens.tolist() == [task.encode(36, 28)[0], task.encode(99, 99)[0]] and targets[1].tolist() == [0, 0, 1, 9, 8]
+    for bad, message in [(torch.tensor([[36.0, 28.0]]), "must be long"), (torch.tensor([36, 28]), "must be long"),
+                         (torch.tensor([[36, 100]]), "in 0..99"), (torch.tensor([[-1, 3]]), "in 0..99"),
+                         (torch.zeros(0, 2, dtype=torch.long), "at least one problem")]:
+        with pytest.raises(ValueError, match=message):
+            task.operand_tensor(bad)
+    with pytest.raises(ValueError, match="outside 0..99"):
+        task.batch([(36, 280)])

@@ -53,3 +53,14 @@ def test_bad_train_config():
         TrainConfig(lr=0)
     with pytest.raises(ValueError):
         TrainConfig(target_accuracy=1.5)
+
+
+def test_eval_size_must_be_positive():
+    import pytest
+
+    from sparsecirc.sparsify import SparsifyConfig
+    from sparsecirc.training import TrainConfig
+
+    for make in (TrainConfig, SparsifyConfig):
+        with pytest.raises(ValueError, match="eval_size"):
+            make(eval_size=0)
