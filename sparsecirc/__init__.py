@@ -9,6 +9,7 @@ Modules, one idea each:
     checkpoint  weights + config + metrics in one validated file
     training    base training on the answer slots
     evaluation  exact match, per-digit accuracy, loss, failures, open edges
+    shared_prefix  the lean pass evaluate uses: each operand prefix computed once
     gates       the gate of one edge: logit, hard sample, straight-through gradient, expectation
     sparse_attention  edge gates via hooks: a sparse model's own, and `with sparse_attention(model, mode)`
     sparsify    the constrained (GECO-style) sparse post-training loop

@@ -1,0 +1,191 @@
+"""The lean evaluation pass (each operand prefix computed once) computes what the bridge computes:
+the same answers, failures and open edges, for every gating evaluate offers; and it steps aside
+for a model it cannot serve exactly."""
+
+from copy import deepcopy
+
+import pytest
+import torch
+
+import sparsecirc.evaluation as evaluation
+from sparsecirc import AdditionTask, Edge, ModelConfig, build_model, evaluate, load_checkpoint, mask_closing
+from sparsecirc.evaluation import answer_logits
+from sparsecirc.paths import reference_base_checkpoint_path, reference_sparse_checkpoint_path
+from sparsecirc.shared_prefix import SharedPrefixForward, shared_prefix_supported
+from sparsecirc.sparse_attention import analysis_run
+
+
+NEAR = 1e-4  # closer to a decision than this, rounding may tip it either way
+
+
+def through_bridge(monkeypatch, *args, **kwargs):
+    """``evaluate`` with the lean pass turned off."""
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "shared_prefix_supported", lambda model: False)
+        return evaluate(*args, **kwargs)
+
+
+def both_passes(model, task, operands, **options):
+    """Both passes on ``operands`` with ``evaluate``'s gating ``options``: ``(lean, bridge)``, each
+    ``(logits [n, answer_digits, d_vocab], open edges [n, layer] or None)``, and ``unsure`` [n]:
+    the inputs on which the bridge has a gate logit within ``NEAR`` of 0, or two best logits of
+    an answer slot within ``NEAR`` of each other."""
+    tokens, _ = task.encode_operands(operands[:, 0], operands[:, 1])
+    with analysis_run(model, **options) as gates:
+        counted = gates.mode != "dense" or options.get("edge_mask") is not None
+        lean_pass = SharedPrefixForward(model, task, None if gates.mode == "dense" else gates.gate_bias,
+                                        options.get("edge_mask"), counted)
+        lean = lean_pass(operands, tokens)
+        logits = answer_logits(model, tokens, task)
+        bridge = (logits, gates.open_edges.sum(-1) if counted else None)
+        best_two = logits.topk(2, dim=-1).values  # [n, answer_digits, 2]
+        unsure = ((best_two[..., 0] - best_two[..., 1]) < NEAR).any(-1)
+        if gates.mode != "dense":
+            unsure |= (gates.logits.abs() < NEAR).flatten(1).any(-1)
+    return lean, bridge, unsure
+
+
+def assert_same_where_sure(lean, bridge, unsure):
+    """Logits to rounding and open edges exactly, on every input not ``unsure``."""
+    sure = ~unsure
+    assert sure.float().mean() > 0.5  # most inputs are compared
+    torch.testing.assert_close(lean[0][sure], bridge[0][sure], rtol=1e-4, atol=1e-4)
+    if bridge[1] is None:
+        assert lean[1] is None
+    else:
+        assert torch.equal(lean[1][sure].float(), bridge[1][sure].float())
+
+
+def assert_evaluations_agree(lean, bridge, n_unsure: int):
+    """``evaluate``'s summary through both passes: equal but for the unsure inputs."""
+    n = bridge.n
+    assert lean.n == n
+    assert abs(lean.exact_match - bridge.exact_match) * n <= n_unsure + 1e-6
+    assert max(abs(x - y) for x, y in zip(lean.per_digit_accuracy, bridge.per_digit_accuracy)) * n <= n_unsure + 1e-6
+    if n_unsure == 0:
+        assert lean.failures == bridge.failures
+        assert lean.loss == pytest.approx(bridge.loss, rel=1e-4, abs=1e-7)
+    assert (lean.open_edges is None) == (bridge.open_edges is None)
+
+
+def every_edge_where(model, task, keep):
+    return [Edge(layer, head, q, k) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)
+            for q in range(task.seq_len) for k in range(q + 1) if keep(layer, head, q, k)]
+
+
+@pytest.fixture(scope="module")
+def shipped_two_digit():
+    base, _ = load_checkpoint(reference_base_checkpoint_path())
+    sparse, _ = load_checkpoint(reference_sparse_checkpoint_path())
+    task = AdditionTask(2, 5)
+    everything = torch.cartesian_prod(torch.arange(100), torch.arange(100))
+    return base, sparse, task, everything
+
+
+@pytest.mark.parametrize("which, options", [
+    ("base", {}),                                   # dense model
+    ("sparse", {}),                                 # a sparse model's own gates
+    ("base", {"gate_bias": 3.0}),                   # gates asked for by name
+    ("sparse", {"dense": True}),                    # a sparse model's weights ungated, by name
+    ("sparse", {"close": True}),                    # ablation on top of the gates
+    ("base", {"close": True, "dense": True}),       # ablation on a dense model
+])
+def test_lean_pass_matches_the_bridge_on_every_two_digit_problem(shipped_two_digit, monkeypatch, which, options):
+    base, sparse, task, everything = shipped_two_digit
+    model = base if which == "base" else sparse
+    assert shared_prefix_supported(model)
+    options = dict(options)
+    if options.pop("close", False):  # a third of all edges, in every layer: answers change a lot
+        options["edge_mask"] = mask_closing(model, every_edge_where(model, task, lambda l, h, q, k: (q + k + h) % 3 == 0))
+    lean, bridge, unsure = both_passes(model, task, everything, **options)
+    assert_same_where_sure(lean, bridge, unsure)
+    result = evaluate(model, task, everything, batch_size=3000, **options)
+    assert_evaluations_agree(result, through_bridge(monkeypatch, model, task, everything, batch_size=3000, **options),
+                             int(unsure.sum()))
+    if "edge_mask" in options:
+        assert result.exact_match < 0.9  # the closing mattered, so the comparison tested something
+
+
+def test_lean_pass_matches_the_bridge_on_the_three_digit_sparse_model(monkeypatch):
+    """The shipped 3-digit sparse model, with its gates and with a third of its layer-0 edges
+    closed, on all 10,000 problems with a < 10 (1,000 distinct prefixes) plus 1,000 random
+    ones, some repeated, all shuffled."""
+    task = AdditionTask(3, 5)
+    model, _ = load_checkpoint(reference_sparse_checkpoint_path(operand_digits=3))
+    generator = torch.Generator().manual_seed(0)
+    scattered = torch.randint(0, 1000, (500, 2), generator=generator)
+    operands = torch.cat([torch.cartesian_prod(torch.arange(10), torch.arange(1000)), scattered, scattered])
+    operands = operands[torch.randperm(len(operands), generator=generator)]
+    closed = mask_closing(model, every_edge_where(model, task, lambda l, h, q, k: l == 0 and (q + k) % 3 == 0))
+    for options in ({}, {"edge_mask": closed}):
+        lean, bridge, unsure = both_passes(model, task, operands, **options)
+        assert_same_where_sure(lean, bridge, unsure)
+    result = evaluate(model, task, operands, edge_mask=closed)
+    assert_evaluations_agree(result, through_bridge(monkeypatch, model, task, operands, edge_mask=closed),
+                             int(unsure.sum()))
+    assert result.exact_match < 0.5
+
+
+@pytest.mark.parametrize("act_fn", ["relu", "gelu", "gelu_new", "silu"])
+def test_lean_logits_match_the_bridge_for_every_activation(act_fn):
+    """Untrained dense 3-digit models, every MLP activation a config allows: the 10,000
+    problems with a < 10 share 1,000 prefixes, which the lean pass computes once each."""
+    task = AdditionTask(3, 5)
+    model = build_model(ModelConfig(3, 5, act_fn=act_fn, seed=7))
+    operands = torch.cartesian_prod(torch.arange(10), torch.arange(1000))
+    tokens, _ = task.encode_operands(operands[:, 0], operands[:, 1])
+    lean = SharedPrefixForward(model, task, gate_bias=None, edge_mask=None, count_edges=False)
+    with torch.no_grad():
+        logits, open_edges = lean(operands, tokens)
+    with analysis_run(model):
+        expected = answer_logits(model, tokens, task)
+    assert open_edges is None and logits.shape == expected.shape == (10_000, 5, 13)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lean_pass_serves_one_digit_tasks(tiny_config, tiny_split, monkeypatch):
+    model = build_model(tiny_config.sparse(1.0))
+    everything = torch.cartesian_prod(torch.arange(10), torch.arange(10))
+    assert shared_prefix_supported(model)
+    lean, bridge, unsure = both_passes(model, tiny_split.task, everything)
+    assert_same_where_sure(lean, bridge, unsure)
+    assert_evaluations_agree(evaluate(model, tiny_split.task, everything, batch_size=33),
+                             through_bridge(monkeypatch, model, tiny_split.task, everything, batch_size=33),
+                             int(unsure.sum()))
+
+
+def test_copies_double_models_and_removed_gating_hooks(tiny_config, tiny_split):
+    """A deep copy is served with its own gates; a float64 model goes through the bridge; a
+    sparse model whose gating hooks were removed gets them back before anything runs."""
+    model = build_model(tiny_config.sparse(1.0))
+    everything = torch.cartesian_prod(torch.arange(10), torch.arange(10))
+    before = evaluate(model, tiny_split.task, everything)
+    copy = deepcopy(model)
+    assert evaluate(copy, tiny_split.task, everything).summary() == before.summary()
+    model.reset_hooks(including_permanent=True)
+    assert evaluate(model, tiny_split.task, everything).summary() == before.summary()
+    seq_len = tiny_split.task.seq_len
+    assert before.mean_open_edges < tiny_config.n_layers * tiny_config.n_heads * seq_len * (seq_len + 1) / 2  # gated
+    double = build_model(tiny_config).double()
+    assert not shared_prefix_supported(double)
+    assert evaluate(double, tiny_split.task, everything).n == 100
+
+
+def test_a_model_with_a_user_hook_runs_through_the_bridge(tiny_config, tiny_split):
+    """A hook someone attached must fire: such a model is not served by the lean pass."""
+    model = build_model(tiny_config)
+    assert shared_prefix_supported(model)
+    calls = []
+    model.hook_dict["blocks.0.hook_resid_pre"].add_hook(lambda x, hook: calls.append(x.shape[0]), is_permanent=True)
+    assert not shared_prefix_supported(model)
+    evaluate(model, tiny_split.task, tiny_split.test, batch_size=7)
+    assert sum(calls) == len(tiny_split.test)
+    model.reset_hooks(including_permanent=True)
+    assert shared_prefix_supported(model)
+
+    handle = model.blocks[1].register_forward_hook(lambda module, args, out: None)  # a plain torch hook
+    assert not shared_prefix_supported(model)
+    handle.remove()
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda pattern, hook: pattern)]):
+        assert not shared_prefix_supported(model)
+    assert shared_prefix_supported(model)
