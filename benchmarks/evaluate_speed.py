@@ -6,6 +6,10 @@ cost, so a freshly built model stands in for a trained one; a checkpoint can be 
 Run it alone: another heavy process on the same cores doubles the times.
 
     python benchmarks/evaluate_speed.py [--checkpoint data/reference/add_d3_l4_h4_base.pt] [--batch-sizes 2500 10000]
+                                        [--gated] [--through-bridge]
+
+``--through-bridge`` times the TransformerLens bridge instead of the lean shared-prefix pass
+that ``evaluate`` uses for models built by ``build_model`` (see ``sparsecirc.shared_prefix``).
 """
 
 import argparse
@@ -14,6 +18,7 @@ import time
 
 import torch
 
+import sparsecirc.evaluation
 from sparsecirc import AdditionTask, ModelConfig, build_model, evaluate, load_checkpoint
 
 
@@ -22,7 +27,10 @@ def main():
     parser.add_argument("--checkpoint", help="a 3-digit checkpoint (default: a fresh default-size model)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2500, 10000])
     parser.add_argument("--gated", action="store_true", help="also time deterministic gates at bias 3")
+    parser.add_argument("--through-bridge", action="store_true", help="run the bridge, not the lean pass")
     args = parser.parse_args()
+    if args.through_bridge:
+        sparsecirc.evaluation.shared_prefix_supported = lambda model: False
 
     task = AdditionTask(3, 5)
     if args.checkpoint:
@@ -37,7 +45,8 @@ def main():
             result = evaluate(model, task, operands, batch_size=batch_size, gate_bias=gate_bias)
             seconds = time.perf_counter() - start
             rows.append({"batch_size": batch_size, "gate_bias": gate_bias, "seconds": round(seconds, 1),
-                         "exact_match": result.exact_match, "threads": torch.get_num_threads()})
+                         "exact_match": result.exact_match, "threads": torch.get_num_threads(),
+                         "path": "bridge" if args.through_bridge else "shared prefix"})
             print(json.dumps(rows[-1]), flush=True)
 
 
