@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import AdditionTask
+from .gates import causal_mask
 from .model import task_of
 from .sparse_attention import _before_blocks, _before_forward
 
@@ -107,10 +108,9 @@ def _weights(model):
 
 
 class SharedPrefixForward:
-    """The lean pass for one model and one gating: call it on operands ``[n, 2]`` (and their
-    tokens) to get the
-    answer-slot logits ``[n, answer_digits, d_vocab]`` and, if ``count_edges``, the open edges
-    per input and layer ``[n, layer]`` (else ``None``).
+    """The lean pass for one model and one gating: call it on operands ``[n, 2]`` and their
+    tokens to get the answer-slot logits ``[n, answer_digits, d_vocab]`` and, if
+    ``count_edges``, the open edges per input and layer ``[n, layer]`` (else ``None``).
 
     ``gate_bias``: deterministic gates at this bias (``None``: no gates). ``edge_mask``:
     ``[layer, head, query, key]`` 0s and 1s multiplied into the gates. The caller has checked
@@ -126,7 +126,7 @@ class SharedPrefixForward:
         self.embed, self.pos, self.layers, self.ln_final, self.w_u, self.b_u = _weights(model)
         n_pos = task.seq_len
         self.n_prefix = 2 * task.operand_digits  # a, "+", b without its units
-        allowed = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [query, key]
+        allowed = causal_mask(n_pos)  # [query, key]
         self.masked = edge_mask is not None
         if edge_mask is None:
             self.open_allowed = [allowed] * cfg.n_layers
@@ -136,6 +136,10 @@ class SharedPrefixForward:
 
     def _norm(self, x, weight_bias):
         return F.layer_norm(x, x.shape[-1:], weight_bias[0], weight_bias[1], self.eps)
+
+    def _attention_out(self, layer: _Layer, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``x + W_O z`` for ``x`` ``[batch, pos, d_model]`` and ``z`` ``[batch, head, pos, d_head]``."""
+        return x + torch.addmm(layer.b_o, z.transpose(1, 2).flatten(2).flatten(0, 1), layer.w_o).view_as(x)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         """``x + mlp(ln2(x))`` for ``x`` ``[batch, pos, d_model]``."""
@@ -170,7 +174,6 @@ class SharedPrefixForward:
         first = torch.empty_like(keys).scatter_(0, inverse, torch.arange(n))  # a row holding each prefix
         x_pre = self.embed[tokens[first, :n_pre]] + self.pos[:n_pre]  # [prefixes, n_pre, d_model]
         x = self.embed[tokens[:, n_pre:]] + self.pos[n_pre:]  # [n, n_rest, d_model]
-        d_model = x.shape[-1]
         k_t_all = x.new_empty(n, h, d, n_pos)  # keys transposed, ready for q @ k
         v_all = x.new_empty(n, h, n_pos, d)
         open_edges = torch.zeros(n, len(self.layers), dtype=torch.long) if self.count_edges else None
@@ -197,10 +200,7 @@ class SharedPrefixForward:
             if last:
                 z, x = z[:, :, first_answer - start:], x[:, first_answer - n_pre:]
             else:
-                x_pre = x_pre + torch.addmm(layer.b_o, z_pre.transpose(1, 2).flatten(2).flatten(0, 1),
-                                            layer.w_o).view_as(x_pre)
-                x_pre = self._mlp(layer, x_pre)
-            x = x + torch.addmm(layer.b_o, z.transpose(1, 2).flatten(2).flatten(0, 1), layer.w_o).view_as(x)
-            x = self._mlp(layer, x)
+                x_pre = self._mlp(layer, self._attention_out(layer, x_pre, z_pre))
+            x = self._mlp(layer, self._attention_out(layer, x, z))
         logits = torch.addmm(self.b_u, self._norm(x, self.ln_final).flatten(0, 1), self.w_u)
         return logits.view(n, task.answer_digits, -1), open_edges
