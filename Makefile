@@ -1,6 +1,7 @@
 # Two entry points, both from a fresh clone with only Python 3.11, git and make:
 #   make run   set up .venv if needed, then execute every notebook top to bottom, saving outputs
 #   make test  set up .venv if needed, then run the unit tests and nbval over every notebook
+#   make test-fast  the unit tests alone, for editing (under a minute)
 #   make lab   set up .venv if needed, then open the notebooks in JupyterLab
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsecirc-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test lab setup clean-venv
+.PHONY: run test test-fast lab setup clean-venv
 
 setup: $(STAMP)
 
@@ -27,8 +28,14 @@ run: $(STAMP)
 			--ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
 	done
 
+# Both cores, one thread each; --dist loadgroup keeps a notebook's cells on one worker, in order (conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --nbval -n 2 --dist loadgroup
+
+# While editing: the unit tests alone, without the notebooks and the whole 3-digit enumerations.
+# Add --lf to run only what failed last time.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -n 2 --dist loadgroup -m "not slow"
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -13,6 +13,7 @@ another ``act_fn``), which would load and answer wrong.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -152,10 +153,16 @@ def read_checkpoint(path) -> Checkpoint:
     return checkpoint
 
 
+@functools.lru_cache(maxsize=16)
+def _expected_weights(config: ModelConfig) -> dict:
+    """``{name: (shape, dtype)}`` of a ``config`` model's weights (built once per config)."""
+    return {name: (tuple(value.shape), value.dtype) for name, value in build_model(config.dense()).state_dict().items()}
+
+
 def check_weights(state_dict: dict, config: ModelConfig, source: str = "state dict") -> None:
     """Raise ``ValueError`` unless ``state_dict`` has exactly the weights of ``config``: the same
     names and shapes, finite floating-point tensors."""
-    expected = build_model(config).state_dict()
+    expected = _expected_weights(config)
     not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ValueError(f"{source}: weights {not_tensors[:5]} are not tensors")
@@ -163,8 +170,8 @@ def check_weights(state_dict: dict, config: ModelConfig, source: str = "state di
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source} does not match config {config.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(state_dict[k].shape)
-             or expected[k].dtype != state_dict[k].dtype]
+    wrong = [k for k, (shape, dtype) in expected.items() if shape != tuple(state_dict[k].shape)
+             or dtype != state_dict[k].dtype]
     if wrong:
         raise ValueError(f"{source}: weight shapes or dtypes differ from config {config.name} for {wrong[:5]}")
     not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -148,6 +148,7 @@ def test_cli_refuses_an_output_path_through_a_file_before_training(tmp_path, cap
     assert (tmp_path / "somefile").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_cli_three_digits_end_to_end_with_sampled_evaluation(tmp_path, capsys):
     """A tiny 3-digit run through the CLI: a compact split file, training and sparsification that
     evaluate a sample of 200 problems during the run, and all 1,000,000 problems at the end."""

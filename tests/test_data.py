@@ -192,6 +192,7 @@ def test_format_1_files_still_load_and_must_be_whole(tmp_path):
         load_split(path)
 
 
+@pytest.mark.slow
 def test_a_three_digit_split_file_is_small(tmp_path):
     split = make_split(AdditionTask(3, 5), test_size=1000, seed=0)
     path = save_split(split, tmp_path / "d3.json")
@@ -217,6 +218,7 @@ def test_shipped_dataset_is_the_default_split():
     assert split == make_split(TASK, 1000, 0)
 
 
+@pytest.mark.slow
 def test_shipped_three_digit_split_and_paths():
     from sparsecirc.paths import reference_dataset_path, reference_sparse_checkpoint_path
 
