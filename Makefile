@@ -28,14 +28,16 @@ run: $(STAMP)
 			--ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
 	done
 
-# Both cores, one thread each; --dist loadgroup keeps a notebook's cells on one worker, in order (conftest.py).
+# Both cores, one thread each (conftest.py). --dist loadfile keeps a notebook's cells on one worker,
+# in order, as they share one kernel. (loadgroup cannot: under pytest 9 xdist's group suffix
+# on node ids is lost, so a notebook's cells were scattered over both workers.)
 test: $(STAMP)
-	$(PY) -m pytest --nbval -n 2 --dist loadgroup
+	$(PY) -m pytest --nbval -n 2 --dist loadfile
 
 # While editing: the unit tests alone, without the notebooks and the whole 3-digit enumerations.
 # Add --lf to run only what failed last time.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest tests -n 2 -m "not slow"
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -21,13 +21,3 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         pass
     else:
         torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup`` a notebook's cells run on one worker, in order (they share
-    one kernel), while the unit tests spread over both workers one by one."""
-    import pytest
-
-    for item in items:
-        if str(item.fspath).endswith(".ipynb"):
-            item.add_marker(pytest.mark.xdist_group(os.path.basename(str(item.fspath))))

@@ -12,7 +12,7 @@ from sparsecirc.circuit_plots import plot_circuits, plot_edge_frequency, save_fi
 from sparsecirc.gates import causal_mask
 from sparsecirc.model import build_model
 from sparsecirc.plots import attention_patterns
-from sparsecirc.sparse_attention import Edge, mask_keeping
+from sparsecirc.sparse_attention import Edge, analysis_run, mask_keeping
 
 
 def test_graph_of_a_tiny_model_with_known_gates(tiny_config, tiny_split):
@@ -79,7 +79,13 @@ def test_edge_frequency_counts_open_gates(tiny_config, tiny_split):
     assert torch.equal(all_open, causal_mask(task.seq_len).float().expand_as(all_open))
     assert edge_frequency(model, task, tiny_split.all, gate_bias=-100.0).sum() == 0
     some = edge_frequency(model, task, tiny_split.all, gate_bias=0.0)
-    assert ((some >= 0) & (some <= 1)).all()
+    tokens, _ = task.batch(list(tiny_split.all))
+    with analysis_run(model, gate_bias=0.0) as gates:  # the same gates, counted by hand
+        model(tokens)
+        by_hand = (gates.logits > 0).float().mean(0)
+    torch.testing.assert_close(some, by_hand)
+    assert 0 < some.sum() < causal_mask(task.seq_len).sum() * model.cfg.n_layers * model.cfg.n_heads  # some shut, some open
+    assert ((some > 0) & (some < 1)).any()  # and some open on part of the inputs only
     graph = frequency_graph(some, task, min_frequency=0.5)
     assert len(attention_edges(graph)) == len({(l, q, k) for l, h, q, k in (some > 0.5).nonzero().tolist()})
 

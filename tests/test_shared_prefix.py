@@ -66,6 +66,8 @@ def assert_evaluations_agree(lean, bridge, n_unsure: int):
         assert lean.failures == bridge.failures
         assert lean.loss == pytest.approx(bridge.loss, rel=1e-4, abs=1e-7)
     assert (lean.open_edges is None) == (bridge.open_edges is None)
+    if bridge.open_edges is not None:  # per input and layer, equal but for the unsure inputs
+        assert int((lean.open_edges != bridge.open_edges).any(-1).sum()) <= n_unsure
 
 
 def every_edge_where(model, task, keep):
