@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sparsecirc import evaluate, load_checkpoint, load_split
 from sparsecirc.cli import _print, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +23,6 @@ def test_cli_data_train_evaluate_tiny(tmp_path, capsys):
     assert main(args) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["steps"] == 20
-    from sparsecirc import evaluate, load_checkpoint, load_split
-
     saved, _ = load_checkpoint(ckpt)  # what the CLI reports is what the saved model does
     split = load_split(data)
     assert evaluate(saved, split.task, split.all).summary() == trained["all"]
