@@ -5,7 +5,7 @@ Sparse Post-Training" (arXiv 2512.05865).
 
 Modules, one idea each:
     data        the addition task: vocabulary, encoding, the dataset split
-    model       ModelConfig -> a TransformerLens-native TransformerBridge
+    model       ModelConfig -> a TransformerLens-native TransformerBridge that carries it (config_of)
     checkpoint  weights + config + metrics in one validated file
     training    base training on the answer slots
     evaluation  exact match, per-digit accuracy, loss, failures, open edges
@@ -29,7 +29,7 @@ from .explorer import Explorer, ExplorerView, explore
 from .data import VOCAB, AdditionSplit, AdditionTask, load_split, make_split, save_split
 from .evaluation import Evaluation, answer_logits, answer_loss, evaluate, predict
 from .patching import PatchingPairs, make_pairs
-from .model import ModelConfig, build_model, count_parameters
+from .model import ModelConfig, build_model, config_of, count_parameters
 from .sparse_attention import (Edge, EdgeGates, analysis_run, gate_bias_of, mask_closing, mask_keeping, set_gate_bias,
                                sparse_attention)
 from .sparsify import LagrangeMultiplier, SparsifyConfig, sparsify
@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VOCAB", "AdditionTask", "AdditionSplit", "make_split", "save_split", "load_split",
-    "ModelConfig", "build_model", "count_parameters",
+    "ModelConfig", "build_model", "config_of", "count_parameters",
     "Checkpoint", "save_checkpoint", "read_checkpoint", "load_checkpoint",
     "TrainConfig", "train",
     "Evaluation", "evaluate", "predict", "answer_logits", "answer_loss",

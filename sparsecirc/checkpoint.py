@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .model import ModelConfig, build_model
+from .model import ModelConfig, build_model, config_of
 from .sparse_attention import gate_bias_of
 
 CHECKPOINT_FORMAT = "sparsecirc.checkpoint/2"  # /2 added the config digest
@@ -71,17 +71,34 @@ def check_plain_data(value, where: str) -> None:
                      f"and lists or dicts of them (convert it first, e.g. float(x), x.tolist(), str(path))")
 
 
-def save_checkpoint(path, model, config: ModelConfig, metrics: dict | None = None, *,
-                    kind: str = "base", extra: dict | None = None, overwrite: bool = False) -> Path:
-    """Save ``model`` with its config and metrics. An existing file is only replaced with
-    ``overwrite=True``; everything is checked before anything is written, and the file is
-    written to a fresh temporary name in the same folder, then moved into place."""
+def save_checkpoint(path, model, config: ModelConfig | None = None, metrics: dict | None = None, *,
+                    kind: str | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Save ``model`` with its config and metrics. The config is the model's own
+    (:func:`~sparsecirc.model.config_of`: a sparse model's carries its gate bias) and ``kind``
+    follows from it (``"sparse"`` or ``"base"``); passing either is only a check that they
+    agree, and is needed for a model not built by ``build_model``. An existing file is only
+    replaced with ``overwrite=True``; everything is checked before anything is written, and
+    the file is written to a fresh temporary name in the same folder, then moved into place."""
     path = Path(path)
+    own = config_of(model)
+    if config is None:
+        if own is None:
+            raise ValueError("this model was not built by build_model, so it carries no ModelConfig: pass config=")
+        config = own
+    elif not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+    elif own is not None and own != config:
+        detail = ", ".join(f"{k}: model {a!r} vs given {b!r}" for k, (a, b) in own.differences(config).items())
+        raise ValueError(f"the config given is not this model's own ({detail}); leave config out to save the "
+                         f"model's own")
     if path.is_dir():
         raise ValueError(f"{path} is a directory; give a file path such as {path / (config.name + '.pt')}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path")
-    if kind != ("sparse" if config.is_sparse else "base"):
+    expected_kind = "sparse" if config.is_sparse else "base"
+    if kind is None:
+        kind = expected_kind
+    if kind != expected_kind:
         raise ValueError(f"kind must be 'sparse' for a sparse config and 'base' for a dense one; got {kind!r} for "
                          f"{config.name}")
     for name, value in (("metrics", metrics), ("extra", extra)):

@@ -90,7 +90,7 @@ def cmd_train(args) -> dict:
     seconds = time.perf_counter() - start
     metrics = evaluation_metrics(model, split)
     metrics.update(steps=history[-1]["step"], train_seconds=round(seconds, 1), parameters=count_parameters(model))
-    save_checkpoint(out, model, config, metrics, extra={"train_config": train_config.to_dict(),
+    save_checkpoint(out, model, metrics=metrics, extra={"train_config": train_config.to_dict(),
                                                         "history": history, "data_seed": split.seed},
                     overwrite=args.force)
     return {"checkpoint": str(out), "config": config.name, **metrics}
@@ -119,7 +119,7 @@ def cmd_sparsify(args) -> dict:
     metrics = evaluation_metrics(model, split)  # sparsify left a sparse model, gated at config.gate_bias
     metrics.update(steps=config.steps, sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
                    tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"])
-    save_checkpoint(out, model, sparse_config, metrics, kind="sparse", overwrite=args.force,
+    save_checkpoint(out, model, metrics=metrics, overwrite=args.force,
                     extra={"sparsify_config": config.to_dict(), "history": history, "base": str(args.base)})
     return {"checkpoint": str(out), "config": sparse_config.name, **metrics}
 

@@ -9,7 +9,7 @@ from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
 from .data import VOCAB, AdditionTask
-from .sparse_attention import set_gate_bias
+from .sparse_attention import gate_bias_of, set_gate_bias
 
 
 @dataclass(frozen=True)
@@ -102,17 +102,29 @@ def build_model(config: ModelConfig = ModelConfig()) -> TransformerBridge:
         seed=config.seed,
     )
     model = TransformerBridge.boot_native(bridge_config)
-    model.__dict__[_TASK_ATTRIBUTE] = config.task  # the analysis functions check the task they are given
+    model.__dict__[_CONFIG_ATTRIBUTE] = config.dense()  # the gate bias lives in the model's gating
     set_gate_bias(model, config.gate_bias)
     return model
 
 
-_TASK_ATTRIBUTE = "_sparsecirc_task"
+_CONFIG_ATTRIBUTE = "_sparsecirc_config"
+
+
+def config_of(model) -> ModelConfig | None:
+    """The :class:`ModelConfig` of a model built by :func:`build_model` (``None`` for any other
+    model), with the gate bias the model has now: ``sparsify`` turns a dense model sparse, and
+    its config follows. The task, the kind (``is_sparse``) and the name derive from it."""
+    built = getattr(model, "__dict__", {}).get(_CONFIG_ATTRIBUTE)
+    if built is None:
+        return None
+    gate_bias = gate_bias_of(model)
+    return built if gate_bias is None else built.sparse(gate_bias)
 
 
 def task_of(model) -> AdditionTask | None:
     """The task ``model`` was built for by :func:`build_model` (``None`` for any other model)."""
-    return getattr(model, "__dict__", {}).get(_TASK_ATTRIBUTE)
+    config = config_of(model)
+    return None if config is None else config.task
 
 
 def count_parameters(model) -> int:

@@ -22,13 +22,12 @@ def test_layout_of_the_figure_1_example():
 def test_encode_decode_round_trip_on_every_problem(task):
     for a, b in task.all_pairs()[:: max(1, task.n_problems // 500)]:
         tokens, answer = task.encode(a, b)
-        assert task.decode_problem(tokens) == (a, b)
+        assert task.decode_problem(tokens) == task.decode_problem(torch.tensor(tokens)) == (a, b)
         assert int(task.decode_answer(answer)) == a + b
         assert task.parse(task.format_problem(a, b)) == (a, b)
 
 
-def test_parse_accepts_spaces_around_tokens_and_short_operands():
-    assert TASK.parse(" 36 + 28 = ") == (36, 28)
+def test_parse_accepts_short_operands_and_leading_zeros():  # spaces around tokens: test_properties
     assert TASK.parse("7+3") == (7, 3)
     assert TASK.parse("07+03=") == (7, 3)
 
