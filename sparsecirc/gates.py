@@ -10,6 +10,11 @@ softmax uses::
                  pass uses the gradient of sigmoid(g_ij + noise) (straight-through)
 - expected:      E[m_ij] = sigmoid(g_ij), summed over causal pairs = expected open edges
 - deterministic: m_ij = 1[g_ij > 0]
+
+and is used as ``pattern_ij * m_ij`` with no renormalisation; the open edges of an input are the
+gates summed over its causal pairs. Every path computes these here: the bridge's gating hooks
+(training, evaluation, analysis: :mod:`sparsecirc.sparse_attention`) and the prefix-sharing pass
+of whole enumerations (:mod:`sparsecirc.shared_prefix`).
 """
 
 from __future__ import annotations
@@ -30,16 +35,27 @@ def n_causal_pairs(n_pos: int) -> int:
     return n_pos * (n_pos + 1) // 2
 
 
+def scaled_scores(q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
+    """``q.k / sqrt(d_head)`` ``[batch, head, query, key]`` from ``q`` ``[batch, head, query,
+    d_head]`` and the keys transposed, ``k_t`` ``[batch, head, d_head, key]``: the score the
+    softmax and the gate share."""
+    return torch.matmul(q, k_t).mul_(1.0 / math.sqrt(q.shape[-1]))
+
+
+def gate_logits_from_scores(scores: torch.Tensor, bias: float, in_place: bool = False) -> torch.Tensor:
+    """``scores + bias``: the gate logits of :func:`scaled_scores` (``in_place`` reuses them)."""
+    return scores.add_(bias) if in_place else scores + bias
+
+
 def gate_logits(q: torch.Tensor, k: torch.Tensor, bias: float) -> torch.Tensor:
-    """Gate logits ``[batch, head, query, key]`` from ``q``, ``k`` ``[batch, pos, head, d_head]``.
+    """Gate logits ``[batch, head, query, key]`` from ``q``, ``k`` ``[batch, pos, head, d_head]``
+    as the bridge's hooks give them.
 
     Entries off the causal triangle (key > query) are computed but meaningless: the softmax
     pattern is exactly 0 there, so a gate cannot change anything, and :func:`expected_edges`
     and the recorded masks leave them out. Skipping a mask here keeps training fast.
     """
-    d_head = q.shape[-1]
-    scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1))
-    return scores.mul_(1.0 / math.sqrt(d_head)).add_(bias)
+    return gate_logits_from_scores(scaled_scores(q.transpose(1, 2), k.permute(0, 2, 3, 1)), bias, in_place=True)
 
 
 def logistic_noise(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -55,9 +71,36 @@ def sample_gates(logits: torch.Tensor, generator: torch.Generator | None = None)
     return (noisy > 0).to(logits.dtype) + (soft - soft.detach())
 
 
+def open_gates(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The deterministic threshold as booleans: True where the logit is positive (and
+    ``allowed``, a boolean mask broadcast against ``logits``, e.g. causal and open in an edge mask)."""
+    gates = logits > 0
+    return gates if allowed is None else gates.logical_and_(allowed)
+
+
 def deterministic_gates(logits: torch.Tensor) -> torch.Tensor:
     """1 where the logit is positive, else 0 (no gradient)."""
-    return (logits > 0).to(logits.dtype)
+    return open_gates(logits).to(logits.dtype)
+
+
+def restrict(gates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``gates`` times a fixed 0/1 ``mask`` broadcast against them (an edge mask, the causal
+    triangle), in the gates' dtype."""
+    return gates * mask.to(gates.dtype)
+
+
+def gated_pattern(pattern: torch.Tensor, gates: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """The attention the values see: ``pattern * gates``, with no renormalisation, so a closed
+    edge's share of the softmax is dropped, not handed to the open ones. ``pattern`` ``[batch,
+    head, query, key]``; ``gates`` 0/1 (or booleans) broadcast against it."""
+    return pattern.mul_(gates) if in_place else pattern * gates
+
+
+def count_open_edges(gates: torch.Tensor) -> torch.Tensor:
+    """Open edges ``[..., query, key]`` -> ``[...]``: the gates summed over query and key. The
+    gates must already be 0 off the causal triangle (:func:`restrict` them, or pass ``allowed``
+    to :func:`open_gates`)."""
+    return gates.sum(dim=(-2, -1))
 
 
 def expected_gates(logits: torch.Tensor) -> torch.Tensor:

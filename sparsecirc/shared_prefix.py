@@ -18,14 +18,13 @@ built by ``build_model`` with no hooks of anyone else attached (:func:`shared_pr
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .data import AdditionTask
-from .gates import causal_mask
+from . import gates as edge_gates  # called through the module: the gate is defined there, once
 from .model import task_of
 from .sparse_attention import _before_blocks, _before_forward
 
@@ -126,7 +125,7 @@ class SharedPrefixForward:
         self.embed, self.pos, self.layers, self.ln_final, self.w_u, self.b_u = _weights(model)
         n_pos = task.seq_len
         self.n_prefix = 2 * task.operand_digits  # a, "+", b without its units
-        allowed = causal_mask(n_pos)  # [query, key]
+        allowed = edge_gates.causal_mask(n_pos)  # [query, key]
         self.masked = edge_mask is not None
         if edge_mask is None:
             self.open_allowed = [allowed] * cfg.n_layers
@@ -152,16 +151,17 @@ class SharedPrefixForward:
         d_head]`` -> ``z`` of ``q``'s shape and the open edges per input ``[batch]`` (``None`` when
         not counted)."""
         n_keys = k_t.shape[3]
-        scores = torch.matmul(q, k_t).div_(math.sqrt(self.d_head))  # [batch, head, q, k]
+        scores = edge_gates.scaled_scores(q, k_t)  # [batch, head, q, k]
         pattern = torch.softmax(scores.masked_fill(~self.causal[queries, :n_keys], float("-inf")), dim=-1)
         allowed = self.open_allowed[layer][..., queries, :n_keys]  # causal, and open in the edge mask
         if self.gate_bias is not None:
-            gates = (scores.add_(self.gate_bias) > 0).logical_and_(allowed)
+            gates = edge_gates.open_gates(edge_gates.gate_logits_from_scores(scores, self.gate_bias, in_place=True),
+                                          allowed)
         else:
             gates = allowed if self.masked else None
         if gates is not None:
-            pattern.mul_(gates)
-        counted = gates.expand_as(pattern).sum(dim=(1, 2, 3)) if self.count_edges else None
+            pattern = edge_gates.gated_pattern(pattern, gates, in_place=True)
+        counted = edge_gates.count_open_edges(gates.expand_as(pattern)).sum(dim=1) if self.count_edges else None
         return torch.matmul(pattern, v), counted
 
     def __call__(self, operands: torch.Tensor, tokens: torch.Tensor):

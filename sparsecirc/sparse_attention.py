@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .gates import causal_mask, deterministic_gates, expected_edges, gate_logits, sample_gates
+from . import gates as edge_gates  # called through the module: the gate is defined there, once
+from .gates import causal_mask, expected_edges
 
 MODES = ("sample", "deterministic", "dense")
 
@@ -135,17 +136,20 @@ class EdgeGates:
         if self.mode == "dense":
             mask = causal_mask(n_pos, pattern.device).to(pattern.dtype).expand_as(pattern)
         else:
-            logits = gate_logits(self._q[layer], self._k[layer], self.gate_bias)
-            mask = sample_gates(logits, self.generator) if self.mode == "sample" else deterministic_gates(logits)
+            logits = edge_gates.gate_logits(self._q[layer], self._k[layer], self.gate_bias)
+            if self.mode == "sample":
+                mask = edge_gates.sample_gates(logits, self.generator)
+            else:
+                mask = edge_gates.deterministic_gates(logits)
         if self.edge_mask is not None:
-            mask = mask * self.edge_mask[..., layer, :, :n_pos, :n_pos].to(pattern.dtype)
+            mask = edge_gates.restrict(mask, self.edge_mask[..., layer, :, :n_pos, :n_pos])
         self._q[layer] = self._k[layer] = None
         if self.record:  # a model's own gates record nothing: no tensors (or graphs) outlive the pass
             if self.mode != "dense":
                 self._logits[layer] = logits
-            self._masks[layer] = mask * causal_mask(n_pos, pattern.device)  # recorded gates: causal pairs only
+            self._masks[layer] = edge_gates.restrict(mask, causal_mask(n_pos, pattern.device))  # recorded: causal pairs only
             self._patterns[layer] = pattern.detach()
-        return pattern * mask
+        return edge_gates.gated_pattern(pattern, mask)
 
     def _stacked(self, items, what):
         if any(item is None for item in items):
@@ -189,7 +193,7 @@ class EdgeGates:
     @property
     def open_edges(self) -> torch.Tensor:
         """Edges actually open ``[batch, layer, head]`` in the latest pass (no gradient)."""
-        return self.masks.detach().sum(dim=(-2, -1))
+        return edge_gates.count_open_edges(self.masks.detach())
 
     def open_edge_list(self, index: int = 0) -> list[Edge]:
         """The open edges of input ``index`` of the latest batch."""

@@ -202,3 +202,29 @@ def test_a_model_with_a_user_hook_runs_through_the_bridge(tiny_config, tiny_spli
     with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda pattern, hook: pattern)]):
         assert not shared_prefix_supported(model)
     assert shared_prefix_supported(model)
+
+
+def _later_threshold(scores, bias, in_place=False):
+    return (scores.add_(bias) if in_place else scores + bias) - 6.0  # about half the open gates close
+
+
+def _halved_pattern(pattern, gates, in_place=False):
+    return (pattern.mul_(gates) if in_place else pattern * gates) * 0.5
+
+
+@pytest.mark.parametrize("where, change", [("gate_logits_from_scores", _later_threshold),
+                                           ("gated_pattern", _halved_pattern)])
+def test_one_change_to_the_gate_in_gates_py_reaches_both_passes(shipped_two_digit, monkeypatch, where, change):
+    """The gate logit and pattern x gates are defined once (sparsecirc.gates): changed there,
+    the bridge's hooks and the lean pass both follow, and still agree."""
+    _, sparse, task, everything = shipped_two_digit
+    operands = everything[::7]
+    before, _, _ = both_passes(sparse, task, operands)
+    monkeypatch.setattr(f"sparsecirc.gates.{where}", change)
+    lean, bridge, unsure = both_passes(sparse, task, operands)
+    assert_same_where_sure(lean, bridge, unsure)
+    if where == "gate_logits_from_scores":  # fewer gates open in both
+        assert (bridge[1].sum(-1) < before[1].sum(-1)).float().mean() > 0.5
+    else:  # layer 0's gates are the same (its input is), the outputs are not
+        assert torch.equal(bridge[1][:, 0].long(), before[1][:, 0].long())
+        assert not torch.allclose(bridge[0], before[0], atol=1e-2)
