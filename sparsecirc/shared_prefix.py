@@ -74,13 +74,12 @@ def shared_prefix_supported(model) -> bool:
     return True
 
 
-def _softmax(scores: torch.Tensor) -> torch.Tensor:
-    """``softmax(scores, dim=-1)`` written out: on rows of 11-13 keys ``torch.softmax`` takes a
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """``softmax(scores, dim=-1)`` in place, written out: on rows of 11-13 keys ``torch.softmax`` takes a
     slow path on the CPU (1.1 ms against 0.15 ms for [256, 4, 11, 11], see
     ``benchmarks/results/speed.md``). Every row holds at least one finite score (the diagonal)."""
-    pattern = scores - scores.amax(dim=-1, keepdim=True)
-    pattern.exp_()
-    return pattern.div_(pattern.sum(dim=-1, keepdim=True))
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
 @dataclass
@@ -161,7 +160,7 @@ class SharedPrefixForward:
         not counted)."""
         n_keys = k_t.shape[3]
         scores = edge_gates.scaled_scores(q, k_t)  # [batch, head, q, k]
-        pattern = _softmax(scores.masked_fill(~self.causal[queries, :n_keys], float("-inf")))
+        pattern = _softmax_(scores.masked_fill(~self.causal[queries, :n_keys], float("-inf")))
         allowed = self.open_allowed[layer][..., queries, :n_keys]  # causal, and open in the edge mask
         if self.gate_bias is not None:
             gates = edge_gates.open_gates(edge_gates.gate_logits_from_scores(scores, self.gate_bias, in_place=True),
