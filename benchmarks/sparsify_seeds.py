@@ -22,10 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+from sparsecirc.files import write_atomically
 from sparsecirc.paths import new_run_dir
 
 # The bar every run must meet, and the median the recipe must reach (issue 10).
 MIN_EXACT_MATCH, MAX_EDGES, MAX_MEDIAN_EDGES = 0.999, 10.0, 9.0
+
+
+def write_text(path, text: str) -> None:
+    """Replace ``path`` (this run's own result file) in one step: never a truncated file."""
+    write_atomically(path, lambda file: file.write(text.encode()), overwrite=True)
 
 
 def run_one(seed: int, threads: int, out: Path) -> dict:
@@ -89,11 +95,11 @@ def main():
             rows.append(run_one(seed, threads, out))
             print(f"seed {seed}, {threads} threads: {rows[-1]['edges_mean']:.2f} edges per input, "
                   f"exact match {rows[-1]['exact_match']:.2%}, {rows[-1]['wall_seconds']:.0f} s", flush=True)
-            (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summarise(rows)}, indent=2))
+            write_text(out / "results.json", json.dumps({"rows": rows, "summary": summarise(rows)}, indent=2))
     summary = summarise(rows)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    write_text(out / "results.json", json.dumps({"rows": rows, "summary": summary}, indent=2))
     table = markdown_table(rows, summary)
-    (out / "results.md").write_text(table)
+    write_text(out / "results.md", table)
     print(table)
     print(f"written to {out}")
 

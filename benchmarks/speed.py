@@ -25,6 +25,7 @@ import time
 import torch
 
 from sparsecirc import AdditionTask, evaluate, load_checkpoint, load_split
+from sparsecirc.files import write_atomically
 from sparsecirc.paths import (reference_base_checkpoint_path, reference_dataset_path,
                               reference_sparse_checkpoint_path)
 from sparsecirc.sparsify import SparsifyConfig, sparsify_step
@@ -146,8 +147,8 @@ def main():
         print(f"\ntorch.profiler, {n} sparsify steps, top ops by self CPU time:\n{table}")
         summary["profile"] = table
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(summary, file, indent=1)
+        text = json.dumps(summary, indent=1).encode()
+        write_atomically(args.json, lambda file: file.write(text), overwrite=True)  # never a truncated file
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Modules, one idea each:
     data        the addition task: vocabulary, encoding, the dataset split
     model       ModelConfig -> a TransformerLens-native TransformerBridge that carries it (config_of)
     checkpoint  weights + config + metrics in one validated file
+    files       writing safely: writability checked first, temporary file, atomic publish
     training    base training on the answer slots
     evaluation  exact match, per-digit accuracy, loss, failures, open edges
     shared_prefix  the lean pass evaluate uses: each operand prefix computed once

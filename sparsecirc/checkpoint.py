@@ -16,15 +16,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .files import write_atomically
 from .model import ModelConfig, build_model, config_of
 from .sparse_attention import gate_bias_of
 
@@ -72,13 +71,16 @@ def check_plain_data(value, where: str) -> None:
 
 
 def save_checkpoint(path, model, config: ModelConfig | None = None, metrics: dict | None = None, *,
-                    kind: str | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
+                    kind: str | None = None, extra: dict | None = None, overwrite: bool = False,
+                    replace_hint: str = "overwrite=True") -> Path:
     """Save ``model`` with its config and metrics. The config is the model's own
     (:func:`~sparsecirc.model.config_of`: a sparse model's carries its gate bias) and ``kind``
     follows from it (``"sparse"`` or ``"base"``); passing either is only a check that they
     agree, and is needed for a model not built by ``build_model``. An existing file is only
     replaced with ``overwrite=True``; everything is checked before anything is written, and
-    the file is written to a fresh temporary name in the same folder, then moved into place."""
+    the file is written to a fresh temporary name in the same folder, then moved into place
+    (:func:`~sparsecirc.files.write_atomically`: a file that appears meanwhile is not replaced
+    either). ``replace_hint`` is how the refusal tells the caller to replace a file."""
     path = Path(path)
     own = config_of(model)
     if config is None:
@@ -94,7 +96,7 @@ def save_checkpoint(path, model, config: ModelConfig | None = None, metrics: dic
     if path.is_dir():
         raise ValueError(f"{path} is a directory; give a file path such as {path / (config.name + '.pt')}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path")
+        raise FileExistsError(f"{path} already exists; pass {replace_hint} to replace it, or choose another path")
     expected_kind = "sparse" if config.is_sparse else "base"
     if kind is None:
         kind = expected_kind
@@ -119,16 +121,7 @@ def save_checkpoint(path, model, config: ModelConfig | None = None, metrics: dic
         "metrics": metrics or {},
         "extra": extra or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(record, file)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda file: torch.save(record, file), overwrite=overwrite, replace_hint=replace_hint)
 
 
 def read_checkpoint(path) -> Checkpoint:

@@ -21,6 +21,7 @@ from matplotlib.patches import PathPatch
 from matplotlib.path import Path as CurvePath
 
 from .circuit import attention_edges, level_name
+from .files import write_atomically
 from .plots import plot_head_grid
 
 HEAD_COLOURS = plt.get_cmap("tab10").colors
@@ -179,8 +180,9 @@ def save_figure(fig, folder: str | Path, name: str, overwrite: bool = False) -> 
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing} already exist; pass overwrite=True to replace them")
-    folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    write_atomically(paths[0], lambda file: fig.savefig(file, format="png", dpi=150, bbox_inches="tight"),
+                     overwrite=overwrite)
     with plt.rc_context({"svg.hashsalt": "sparsecirc"}):  # fixed ids and no date: reruns give the same file
-        fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})
+        write_atomically(paths[1], lambda file: fig.savefig(file, format="svg", bbox_inches="tight",
+                                                            metadata={"Date": None}), overwrite=overwrite)
     return paths

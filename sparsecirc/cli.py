@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 
 from . import paths
 from .checkpoint import load_checkpoint, save_checkpoint
+from .files import check_parent_folder, check_writable
 from .data import AdditionTask, load_split, make_split, save_split
 from .evaluation import evaluate
 from .model import ModelConfig, build_model, count_parameters
@@ -38,15 +41,6 @@ def _print(result: dict, as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
-def check_parent_folder(path: Path) -> None:
-    """Raise ``ValueError`` if a folder on the way to ``path`` exists as a file."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
-            return
-
-
 def _output_path(out, default_name: str, kind: str, force: bool) -> Path:
     """Where a command writes its checkpoint, checked before any work: not a directory, and not
     an existing file unless ``force``."""
@@ -56,11 +50,12 @@ def _output_path(out, default_name: str, kind: str, force: bool) -> Path:
         raise ValueError(f"--out {out} is a directory; give a file path such as {out / default_name}")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    check_writable(out)  # before minutes of training, not after
     return out
 
 
 def cmd_data(args) -> dict:
-    check_parent_folder(Path(args.out))
+    check_writable(Path(args.out))
     task = AdditionTask(args.operand_digits, args.answer_digits)
     split = make_split(task, args.test_size, args.seed)
     out = save_split(split, args.out)
@@ -90,7 +85,7 @@ def cmd_train(args) -> dict:
     seconds = time.perf_counter() - start
     metrics = evaluation_metrics(model, split)
     metrics.update(steps=history[-1]["step"], train_seconds=round(seconds, 1), parameters=count_parameters(model))
-    save_checkpoint(out, model, metrics=metrics, extra={"train_config": train_config.to_dict(),
+    save_checkpoint(out, model, metrics=metrics, replace_hint="--force", extra={"train_config": train_config.to_dict(),
                                                         "history": history, "data_seed": split.seed},
                     overwrite=args.force)
     return {"checkpoint": str(out), "config": config.name, **metrics}
@@ -119,7 +114,7 @@ def cmd_sparsify(args) -> dict:
     metrics = evaluation_metrics(model, split)  # sparsify left a sparse model, gated at config.gate_bias
     metrics.update(steps=config.steps, sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
                    tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"])
-    save_checkpoint(out, model, metrics=metrics, overwrite=args.force,
+    save_checkpoint(out, model, metrics=metrics, overwrite=args.force, replace_hint="--force",
                     extra={"sparsify_config": config.to_dict(), "history": history, "base": str(args.base)})
     return {"checkpoint": str(out), "config": sparse_config.name, **metrics}
 
@@ -194,12 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds: a half-written file's cleanup runs
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # signals are only set there
+    previous = signal.getsignal(signal.SIGTERM)
+    if on_main_thread:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         result = args.run(args)
     except (ValueError, OSError) as err:  # OSError: FileExistsError, FileNotFoundError, PermissionError, ...
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     _print(result, args.json)
     return 0

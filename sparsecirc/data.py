@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomically
+
 PLUS, EQUALS, BLANK = "+", "=", "?"
 VOCAB: tuple[str, ...] = tuple("0123456789") + (PLUS, EQUALS, BLANK)
 TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}  # a digit token's id is its value
@@ -328,9 +330,11 @@ def save_split(split: AdditionSplit, path: str | Path) -> Path:
         if same:
             return path
         raise FileExistsError(f"{path} exists and holds a different dataset; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=0) + "\n")
-    return path
+    text = (json.dumps(record, indent=0) + "\n").encode()
+    try:
+        return write_atomically(path, lambda file: file.write(text), overwrite=False)
+    except FileExistsError:  # appeared while writing
+        raise FileExistsError(f"{path} exists and holds a different dataset; not overwriting it") from None
 
 
 def _parse_all(task: AdditionTask, problems, path: Path, name: str) -> tuple[tuple[int, int], ...]:

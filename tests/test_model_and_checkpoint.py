@@ -1,3 +1,4 @@
+import json
 import copy
 from pathlib import Path
 
@@ -245,3 +246,22 @@ def test_the_model_owns_its_config_and_a_checkpoint_takes_it_from_there(tmp_path
 def test_model_config_refuses_bools_and_out_of_range_seeds(bad):
     with pytest.raises(ValueError):
         ModelConfig(**bad)
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_no_shipped_file_records_a_path_of_the_machine_it_was_made_on():
+    reference = Path(__file__).resolve().parents[1] / "data" / "reference"
+    records = [json.loads(p.read_text()) for p in sorted(reference.glob("*.json"))]
+    records += [{"metrics": c.metrics, "extra": c.extra} for c in map(read_checkpoint, sorted(reference.glob("*.pt")))]
+    absolute = [s for record in records for s in _strings(record) if s.startswith(("/", "~")) or ":\\" in s]
+    assert len(records) == 8 and absolute == []
