@@ -28,13 +28,26 @@ def check_task(model, task: AdditionTask) -> None:
                          f"(context {n_ctx}, vocabulary {d_vocab}): use the task the model was built for")
 
 
-def answer_logits(model, tokens: torch.Tensor, task: AdditionTask) -> torch.Tensor:
-    """Logits at the answer slots: tokens ``[batch, seq_len]`` -> ``[batch, answer_digits, d_vocab]``."""
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[1] != task.seq_len:
-        raise ValueError(f"tokens must be a tensor of shape [batch, {task.seq_len}] for {task.name}, got "
+def check_tokens(model, tokens: torch.Tensor, task: AdditionTask | None = None) -> None:
+    """Raise ``ValueError`` unless ``tokens`` are long vocabulary ids ``[batch, seq_len]`` of the
+    task ``model`` was built for (or of ``task``, checked against the model)."""
+    if task is not None:
+        check_task(model, task)
+    else:
+        check_attention_hooks(model)
+        task = task_of(model)
+    seq_len = model.cfg.n_ctx if task is None else task.seq_len
+    name = f"this model ({model.cfg.n_ctx} positions)" if task is None else task.name
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[1] != seq_len:
+        raise ValueError(f"tokens must be a tensor of shape [batch, {seq_len}] for {name}, got "
                          f"{list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
     if tokens.dtype != torch.long or (tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < len(VOCAB))):
         raise ValueError(f"tokens must be long ids in 0..{len(VOCAB) - 1}, got {tokens.dtype}")
+
+
+def answer_logits(model, tokens: torch.Tensor, task: AdditionTask) -> torch.Tensor:
+    """Logits at the answer slots: tokens ``[batch, seq_len]`` -> ``[batch, answer_digits, d_vocab]``."""
+    check_tokens(model, tokens, task)
     return model(tokens)[:, task.prompt_len:, :]
 
 

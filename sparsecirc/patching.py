@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import AdditionTask
+from .evaluation import check_tokens
 from .sparse_attention import analysis_run
 
 
@@ -38,6 +39,25 @@ class PatchingPairs:
     clean: tuple[tuple[int, int], ...]
     corrupted: tuple[tuple[int, int], ...]
     flips_carry: tuple[bool, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.task, AdditionTask):
+            raise ValueError(f"task must be an AdditionTask, got {type(self.task).__name__}")
+        lengths = {"clean": len(self.clean), "corrupted": len(self.corrupted), "flips_carry": len(self.flips_carry)}
+        if len(set(lengths.values())) != 1 or lengths["clean"] == 0:
+            raise ValueError(f"clean, corrupted and flips_carry must be equally long and not empty (one entry per "
+                             f"pair), got lengths {lengths}")
+        clean = self.task.check_pairs(list(self.clean))
+        corrupted = self.task.check_pairs(list(self.corrupted))
+        for n, ((a, b), (a2, b2)) in enumerate(zip(clean, corrupted)):
+            if a + b == a2 + b2:
+                raise ValueError(f"pair {n}: {a}+{b} and {a2}+{b2} have the same sum, so no answer digit differs "
+                                 f"and the metric is undefined; a corruption must change the sum")
+        if any(type(flip) is not bool for flip in self.flips_carry):
+            raise ValueError("flips_carry must hold True or False for each pair")
+        object.__setattr__(self, "clean", tuple(map(tuple, clean)))
+        object.__setattr__(self, "corrupted", tuple(map(tuple, corrupted)))
+        object.__setattr__(self, "flips_carry", tuple(self.flips_carry))
 
     def __len__(self) -> int:
         return len(self.clean)
@@ -98,6 +118,7 @@ def record_attention(model, tokens: torch.Tensor, *, gate_bias: float | None = N
     """Gated attention pattern ``A [batch, layer, head, q, k]``, values ``v [batch, layer, pos, head,
     d_head]`` and MLP outputs ``mlp [batch, layer, pos, d_model]`` of a run, and its ``logits``.
     The model runs with its own gating unless asked otherwise (``gate_bias=``, ``dense=True``)."""
+    check_tokens(model, tokens)
     n_layers = model.cfg.n_layers
     record = {"A": [None] * n_layers, "v": [None] * n_layers, "mlp": [None] * n_layers}
 
@@ -126,6 +147,7 @@ def patched_logits(model, tokens: torch.Tensor, corrupted: dict, keep: torch.Ten
     [variant, layer]``: 0 replaces that MLP's output with the corrupted one (default: keep all).
     Returns ``[variant * pair, pos, vocab]`` (variant-major).
     """
+    check_tokens(model, tokens)
     n_variants, n_pairs = keep.shape[0], tokens.shape[0]
     n_layers = model.cfg.n_layers
     if keep.ndim != 5 or keep.shape[1:] != (n_layers, model.cfg.n_heads, tokens.shape[1], tokens.shape[1]):

@@ -7,11 +7,13 @@ import torch
 
 from .circuit_size import needed_for
 from .data import VOCAB, AdditionTask
+from .evaluation import check_task
 
 
 @torch.no_grad()
 def attention_patterns(model, task: AdditionTask, problem: str) -> torch.Tensor:
     """Post-softmax attention of one problem: ``[layer, head, query_pos, key_pos]``."""
+    check_task(model, task)
     tokens, _ = task.batch([task.parse(problem)])
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("attn.hook_pattern"))
     return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0] for layer in range(model.cfg.n_layers)])

@@ -5,7 +5,7 @@ from sparsecirc.circuit_size import Patcher, needed_for
 from sparsecirc.data import AdditionTask
 from sparsecirc.gates import causal_mask
 from sparsecirc.model import build_model
-from sparsecirc.patching import logit_difference, make_pairs, patched_logits, record_attention
+from sparsecirc.patching import PatchingPairs, logit_difference, make_pairs, patched_logits, record_attention
 from sparsecirc.sparse_attention import set_gate_bias
 
 
@@ -142,3 +142,45 @@ def test_patch_masks_must_be_zeros_and_ones_of_the_right_shape(tiny_model_and_pa
         patched_logits(model, clean_tokens, corrupted_run, torch.ones(shape), torch.ones(1, 7))
     with pytest.raises(ValueError, match="keep_mlp must hold only 0"):
         patched_logits(model, clean_tokens, corrupted_run, torch.ones(shape), torch.full((1, model.cfg.n_layers), 0.5))
+
+
+def test_patching_pairs_refuse_lists_of_different_lengths_and_same_sum_pairs():
+    task = AdditionTask(2, 5)
+    with pytest.raises(ValueError, match="equally long"):
+        PatchingPairs(task, ((1, 2), (3, 4)), ((1, 3),), (False, False))
+    with pytest.raises(ValueError, match="equally long"):
+        PatchingPairs(task, ((1, 2),), ((1, 3),), ())
+    with pytest.raises(ValueError, match="not empty"):
+        PatchingPairs(task, (), (), ())
+    with pytest.raises(ValueError, match="pair 1: 30\\+4 and 31\\+3 have the same sum"):
+        PatchingPairs(task, ((1, 2), (30, 4)), ((1, 3), (31, 3)), (False, False))
+    with pytest.raises(ValueError, match="same sum"):  # identical
+        PatchingPairs(task, ((5, 6),), ((5, 6),), (False,))
+    with pytest.raises(ValueError, match="0..99"):
+        PatchingPairs(task, ((100, 2),), ((1, 3),), (False,))
+    with pytest.raises(ValueError, match="True or False"):
+        PatchingPairs(task, ((1, 2),), ((1, 3),), (1,))
+    pairs = PatchingPairs(task, [[1, 2]], [(1, 3)], [False])
+    assert pairs.clean == ((1, 2),) and pairs.corrupted == ((1, 3),) and len(pairs) == 1
+
+
+def test_functions_that_take_tokens_refuse_another_tasks_tokens(tiny_config):
+    from sparsecirc.evaluation import answer_logits
+    from sparsecirc.patching import patched_logits, record_attention
+    from sparsecirc.plots import attention_patterns
+    model = build_model(tiny_config)  # 1-digit operands, 6 positions
+    two_digit = AdditionTask(2, 5)
+    tokens, _ = two_digit.batch([(36, 28)])
+    with pytest.raises(ValueError, match="built for add_d1_a2"):
+        answer_logits(model, tokens, two_digit)
+    with pytest.raises(ValueError, match="built for add_d1_a2"):
+        attention_patterns(model, two_digit, "36+28")
+    with pytest.raises(ValueError, match="shape \\[batch, 6\\] for add_d1_a2"):
+        record_attention(model, tokens[:, :6].contiguous()[:, :5])
+    with pytest.raises(ValueError, match="shape \\[batch, 6\\] for add_d1_a2"):
+        record_attention(model, tokens)
+    with pytest.raises(ValueError, match="long ids"):
+        record_attention(model, torch.full((1, 6), 20))
+    keep = torch.ones(1, 2, 2, 11, 11)
+    with pytest.raises(ValueError, match="shape \\[batch, 6\\]"):
+        patched_logits(model, tokens, {}, keep)
