@@ -124,12 +124,32 @@ def save_checkpoint(path, model, config: ModelConfig | None = None, metrics: dic
     return write_atomically(path, lambda file: torch.save(record, file), overwrite=overwrite, replace_hint=replace_hint)
 
 
+def check_archive(path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is a zip archive of uncompressed records whose sizes
+    add up to no more than the file itself, as ``torch.save`` writes it: a compressed record
+    could inflate to any size inside ``torch.load`` (a zip bomb), so it is refused unread."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable sparsecirc checkpoint (corrupt or another format): {err}") from None
+    compressed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise ValueError(f"{path} holds compressed records ({compressed[:3]}); torch.save never writes them, so this "
+                         f"file was not written by sparsecirc and is refused unread")
+    declared = sum(r.file_size for r in records)
+    if declared > size or any(r.file_size != r.compress_size for r in records):
+        raise ValueError(f"{path}: its records declare {declared:,} bytes in a file of {size:,}; refused unread")
+
+
 def read_checkpoint(path) -> Checkpoint:
     """Read and validate a checkpoint file (format, config and its digest, weight names, shapes
     and types)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    check_archive(path)
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:

@@ -21,6 +21,8 @@ import torch
 
 from .files import write_atomically
 
+MAX_OPERAND_DIGITS = 18  # 2 * (10**18 - 1) fits int64
+
 PLUS, EQUALS, BLANK = "+", "=", "?"
 VOCAB: tuple[str, ...] = tuple("0123456789") + (PLUS, EQUALS, BLANK)
 TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}  # a digit token's id is its value
@@ -45,6 +47,12 @@ class AdditionTask:
     def __post_init__(self):
         if isinstance(self.operand_digits, bool) or not isinstance(self.operand_digits, int) or self.operand_digits < 1:
             raise ValueError(f"operand_digits must be a positive int, got {self.operand_digits!r}")
+        if self.operand_digits > MAX_OPERAND_DIGITS:  # before 10**operand_digits is ever computed
+            raise ValueError(f"operand_digits must be at most {MAX_OPERAND_DIGITS} (sums must fit a 64-bit integer), "
+                             f"got {self.operand_digits}")
+        if isinstance(self.answer_digits, int) and not isinstance(self.answer_digits, bool) \
+                and self.answer_digits > MAX_OPERAND_DIGITS + 2:
+            raise ValueError(f"answer_digits must be at most {MAX_OPERAND_DIGITS + 2}, got {self.answer_digits}")
         if isinstance(self.answer_digits, bool) or not isinstance(self.answer_digits, int) or self.answer_digits < 1:
             raise ValueError(f"answer_digits must be a positive int, got {self.answer_digits!r}")
         largest_sum = 2 * (10**self.operand_digits - 1)

@@ -12,6 +12,10 @@ from .data import VOCAB, AdditionTask
 from .sparse_attention import gate_bias_of, set_gate_bias
 
 
+SIZE_LIMITS = {"n_layers": 48, "n_heads": 64, "d_head": 256, "d_model": 4096, "d_mlp": 16384}
+MAX_PARAMETERS = 100_000_000
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that fixes a model's shape and initial weights.
@@ -33,10 +37,15 @@ class ModelConfig:
 
     def __post_init__(self):
         self.task  # validates the widths
-        for name in ("n_layers", "n_heads", "d_head", "d_model", "d_mlp"):
+        for name, largest in SIZE_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value > largest:  # checked before anything is built: a tiny file cannot ask for hours of work
+                raise ValueError(f"{name} must be at most {largest} (a model for a laptop CPU), got {value}")
+        if self.approximate_parameters > MAX_PARAMETERS:
+            raise ValueError(f"this config has about {self.approximate_parameters:,} parameters; at most "
+                             f"{MAX_PARAMETERS:,} are allowed (a model for a laptop CPU)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in 0..2**63-1, got {self.seed!r}")
         if self.gate_bias is not None and (isinstance(self.gate_bias, bool) or not isinstance(self.gate_bias, (int, float))
@@ -44,6 +53,11 @@ class ModelConfig:
             raise ValueError(f"gate_bias must be None (dense) or a finite number, got {self.gate_bias!r}")
         if self.act_fn not in ("relu", "gelu", "gelu_new", "silu"):
             raise ValueError(f"act_fn must be one of relu, gelu, gelu_new, silu; got {self.act_fn!r}")
+
+    @property
+    def approximate_parameters(self) -> int:
+        """Weights of the attention and MLP layers (biases, norms and embeddings left out)."""
+        return self.n_layers * (4 * self.d_model * self.n_heads * self.d_head + 2 * self.d_model * self.d_mlp)
 
     @property
     def task(self) -> AdditionTask:

@@ -239,3 +239,13 @@ def test_operand_tensors_and_sample_sizes_are_checked_at_the_door():
             task.operand_tensor(bad)
     with pytest.raises(ValueError, match="outside 0..99"):
         task.batch([(36, 280)])
+
+
+@pytest.mark.parametrize("digits, message", [((19, 21), "at most 18"), ((10**7, 5), "at most 18"),
+                                             ((2, 10**9), "answer_digits must be at most 20")])
+def test_task_sizes_are_bounded_before_any_work(digits, message):
+    with pytest.raises(ValueError, match=message):
+        AdditionTask(*digits)
+    task = AdditionTask(18, 19)  # the largest: its sums still fit int64
+    _, target = task.batch([(task.max_operand, task.max_operand)])
+    assert task.decode_answer(target[0].tolist()) == str(2 * task.max_operand)

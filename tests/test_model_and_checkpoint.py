@@ -265,3 +265,36 @@ def test_no_shipped_file_records_a_path_of_the_machine_it_was_made_on():
     records += [{"metrics": c.metrics, "extra": c.extra} for c in map(read_checkpoint, sorted(reference.glob("*.pt")))]
     absolute = [s for record in records for s in _strings(record) if s.startswith(("/", "~")) or ":\\" in s]
     assert len(records) == 8 and absolute == []
+
+
+def _rezip(source, target, compression):
+    import zipfile
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", compression) as new:
+        for info in old.infolist():
+            new.writestr(info.filename, old.read(info.filename), compress_type=compression)
+
+
+def test_a_compressed_checkpoint_is_refused_before_it_is_inflated(tmp_path, tiny_config, monkeypatch):
+    import zipfile
+    path = save_checkpoint(tmp_path / "m.pt", build_model(tiny_config))
+    _rezip(path, tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)
+    assert torch.load(tmp_path / "deflated.pt", weights_only=True)["config"] == tiny_config.to_dict()  # torch would
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on a compressed file"))
+    with pytest.raises(ValueError, match="compressed records"):
+        read_checkpoint(tmp_path / "deflated.pt")
+    (tmp_path / "text.pt").write_text("not a zip")
+    with pytest.raises(ValueError, match="not a readable sparsecirc checkpoint"):
+        read_checkpoint(tmp_path / "text.pt")
+
+
+@pytest.mark.parametrize("field, value, message", [("n_layers", 1000, "n_layers must be at most 48"),
+                                                   ("d_mlp", 10**12, "d_mlp must be at most"),
+                                                   ("operand_digits", 10**7, "operand_digits must be at most 18")])
+def test_a_tiny_checkpoint_asking_for_a_huge_model_is_refused_before_any_work(tmp_path, tiny_config, monkeypatch,
+                                                                            field, value, message):
+    record = torch.load(save_checkpoint(tmp_path / "m.pt", build_model(tiny_config)), weights_only=True)
+    record["config"][field] = value
+    torch.save(record, tmp_path / "huge.pt")
+    monkeypatch.setattr("sparsecirc.checkpoint.build_model", lambda *a: pytest.fail("built a model"))
+    with pytest.raises(ValueError, match=message):
+        read_checkpoint(tmp_path / "huge.pt")
