@@ -40,7 +40,7 @@ class Checkpoint:
 
     def build(self):
         """A model with these weights."""
-        model = build_model(self.config)
+        model = build_model(self.config, initialise=False)
         load_weights(model, self.state_dict, self.config)
         model.eval()
         return model
@@ -186,7 +186,7 @@ def read_checkpoint(path) -> Checkpoint:
 @functools.lru_cache(maxsize=16)
 def _expected_weights(config: ModelConfig) -> dict:
     """``{name: (shape, dtype)}`` of a ``config`` model's weights (built once per config)."""
-    return {name: (tuple(value.shape), value.dtype) for name, value in build_model(config.dense()).state_dict().items()}
+    return {name: (tuple(value.shape), value.dtype) for name, value in build_model(config.dense(), initialise=False).state_dict().items()}
 
 
 def check_weights(state_dict: dict, config: ModelConfig, source: str = "state dict") -> None:

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from .data import VOCAB, AdditionTask
 from .model import task_of
-from .shared_prefix import SharedPrefixForward, shared_prefix_supported
 from .sparse_attention import analysis_run, batch_slices, check_attention_hooks
+from .transformer import GatedTransformer
+
+MAX_SHARED_PREFIX_DIGITS = 9  # the prefix key a * 10**(d-1) + b // 10 stays within int64
 
 
 def check_task(model, task: AdditionTask) -> None:
@@ -48,6 +50,8 @@ def check_tokens(model, tokens: torch.Tensor, task: AdditionTask | None = None) 
 def answer_logits(model, tokens: torch.Tensor, task: AdditionTask) -> torch.Tensor:
     """Logits at the answer slots: tokens ``[batch, seq_len]`` -> ``[batch, answer_digits, d_vocab]``."""
     check_tokens(model, tokens, task)
+    if isinstance(model, GatedTransformer) and not model.has_user_hooks():
+        return model(tokens, output_from=task.prompt_len)  # the last layer computes only the answer slots
     return model(tokens)[:, task.prompt_len:, :]
 
 
@@ -99,27 +103,28 @@ def evaluate(model, task: AdditionTask, pairs, *, gate_bias: float | None = None
     :func:`~sparsecirc.sparse_attention.analysis_run`); ``edge_mask`` closes edges on top
     (ablations). With gates, the result counts the open edges of every input.
 
-    A model built by :func:`~sparsecirc.build_model` with no user hooks runs through
-    :class:`~sparsecirc.shared_prefix.SharedPrefixForward` (the same function, each operand
-    prefix computed once: about twice as fast on a whole enumeration); any other through the
-    bridge.
+    A :class:`~sparsecirc.transformer.GatedTransformer` with no user hooks attached runs each
+    operand prefix once (:meth:`~sparsecirc.transformer.GatedTransformer.run_shared_prefix`: the
+    same forward pass, about twice as fast on a whole enumeration); with hooks, it runs whole.
     """
     check_task(model, task)
     operands = task.operand_tensor(pairs)  # [n, 2], checked once
     slices = batch_slices(len(operands), batch_size)
     total_loss, correct_digits, correct_exact, failures = 0.0, torch.zeros(task.answer_digits), 0, []
     open_edges = []
+    shared = (isinstance(model, GatedTransformer) and not model.has_user_hooks()
+              and task.operand_digits <= MAX_SHARED_PREFIX_DIGITS)
     with analysis_run(model, gate_bias=gate_bias, dense=dense, edge_mask=edge_mask) as gates:
         counts_edges = gates.mode != "dense" or edge_mask is not None
-        lean = SharedPrefixForward(model, task, gates.gate_bias if gates.mode != "dense" else None, edge_mask,
-                                   counts_edges) if shared_prefix_supported(model) else None
         for part in slices:
             chunk = operands[part]
             tokens, targets = task.encode_operands(chunk[:, 0], chunk[:, 1])
-            if lean is not None:
-                logits, edges = lean(chunk, tokens)
+            if shared:
+                prefix_key = chunk[:, 0] * 10 ** (task.operand_digits - 1) + chunk[:, 1] // 10
+                logits, edges = model.run_shared_prefix(tokens, prefix_key, 2 * task.operand_digits, task.prompt_len,
+                                                        counts_edges)
                 if counts_edges:
-                    open_edges.append(edges.float())
+                    open_edges.append(edges)
             else:
                 logits = answer_logits(model, tokens, task)
                 if counts_edges:

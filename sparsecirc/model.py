@@ -1,15 +1,13 @@
-"""The model: a config dataclass and the TransformerLens-native bridge it builds."""
+"""The model's config: a dataclass, and the :class:`~sparsecirc.transformer.GatedTransformer` it builds."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from transformer_lens.config import TransformerBridgeConfig
-from transformer_lens.model_bridge import TransformerBridge
-
-from .data import VOCAB, AdditionTask
-from .sparse_attention import gate_bias_of, set_gate_bias
+from .data import AdditionTask
+from .sparse_attention import NativeGating, gate_bias_of, set_gate_bias
+from .transformer import GatedTransformer, bridge_config, native_initial_weights
 
 
 SIZE_LIMITS = {"n_layers": 48, "n_heads": 64, "d_head": 256, "d_model": 4096, "d_mlp": 16384}
@@ -96,26 +94,22 @@ class ModelConfig:
         return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
 
 
-def build_model(config: ModelConfig = ModelConfig()) -> TransformerBridge:
-    """A freshly initialised TL-native ``TransformerBridge`` for ``config`` (CPU, float32).
+def build_model(config: ModelConfig = ModelConfig(), initialise: bool = True) -> GatedTransformer:
+    """A freshly initialised :class:`~sparsecirc.transformer.GatedTransformer` for ``config``
+    (CPU, float32), a TransformerLens ``HookedRootModule``.
 
     Input ``[batch, seq_len]`` token ids; output logits ``[batch, seq_len, d_vocab=13]``.
-    The same ``config.seed`` gives the same weights without touching the global RNG. A sparse
-    config (``gate_bias`` set) gives a sparse model: every forward pass runs with its gates.
+    The same ``config.seed`` gives the same weights (those of TransformerLens' ``boot_native``)
+    without touching the global RNG. A sparse config (``gate_bias`` set) gives a sparse model:
+    every forward pass runs with its gates. ``initialise=False`` skips the initialisation, for
+    weights about to be loaded.
     """
-    bridge_config = TransformerBridgeConfig(
-        n_layers=config.n_layers,
-        d_model=config.d_model,
-        n_heads=config.n_heads,
-        d_head=config.d_head,
-        d_mlp=config.d_mlp,
-        d_vocab=len(VOCAB),
-        n_ctx=config.task.seq_len,
-        act_fn=config.act_fn,
-        normalization_type="LN",
-        seed=config.seed,
-    )
-    model = TransformerBridge.boot_native(bridge_config)
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+    cfg = bridge_config(config)
+    model = GatedTransformer(cfg, NativeGating(config.n_layers, config.n_heads))
+    if initialise:
+        model.load_state_dict(native_initial_weights(cfg))
     model.__dict__[_CONFIG_ATTRIBUTE] = config.dense()  # the gate bias lives in the model's gating
     set_gate_bias(model, config.gate_bias)
     return model

@@ -130,26 +130,48 @@ class EdgeGates:
         self._masks: list[torch.Tensor | None] = [None] * n_layers
         self._patterns: list[torch.Tensor | None] = [None] * n_layers
 
-    def gate(self, layer: int, pattern: torch.Tensor) -> torch.Tensor:
-        """The gated ``pattern [batch, head, query, key]`` of ``layer``; records what it did."""
-        n_pos = pattern.shape[-1]
+    def gate(self, layer: int, pattern: torch.Tensor, scores: torch.Tensor | None = None,
+             causal: torch.Tensor | None = None, on_logits=None, on_gates=None) -> torch.Tensor:
+        """The gated ``pattern [batch, head, query, key]`` of ``layer``; records what it did.
+
+        ``scores``: the layer's ``q.k / sqrt(d_head)`` the softmax read (a
+        :class:`~sparsecirc.transformer.GatedTransformer` passes them); without them the gate
+        logits are computed from the q and k the bridge's hooks stored. ``causal``: ``[query,
+        key]`` booleans of this run (default: the square triangle; the queries are the last
+        positions). ``on_logits``, ``on_gates``: hook points the logits and the gates pass."""
+        n_q, n_k = pattern.shape[-2:]
+        if causal is None:
+            causal = causal_mask(n_k, pattern.device)[n_k - n_q:]
         if self.mode == "dense":
-            mask = causal_mask(n_pos, pattern.device).to(pattern.dtype).expand_as(pattern)
+            mask = causal.to(pattern.dtype).expand_as(pattern)
         else:
-            logits = edge_gates.gate_logits(self._q[layer], self._k[layer], self.gate_bias)
+            if scores is not None:
+                logits = edge_gates.gate_logits_from_scores(scores, self.gate_bias)
+            else:
+                logits = edge_gates.gate_logits(self._q[layer], self._k[layer], self.gate_bias)
+            if on_logits is not None:
+                logits = on_logits(logits)
             if self.mode == "sample":
                 mask = edge_gates.sample_gates(logits, self.generator)
             else:
                 mask = edge_gates.deterministic_gates(logits)
         if self.edge_mask is not None:
-            mask = edge_gates.restrict(mask, self.edge_mask[..., layer, :, :n_pos, :n_pos])
+            mask = edge_gates.restrict(mask, self.edge_mask[..., layer, :, n_k - n_q:n_k, :n_k])
+        if on_gates is not None:
+            mask = on_gates(mask)
         self._q[layer] = self._k[layer] = None
         if self.record:  # a model's own gates record nothing: no tensors (or graphs) outlive the pass
             if self.mode != "dense":
                 self._logits[layer] = logits
-            self._masks[layer] = edge_gates.restrict(mask, causal_mask(n_pos, pattern.device))  # recorded: causal pairs only
+            self._masks[layer] = edge_gates.restrict(mask, causal)  # recorded: causal pairs only
             self._patterns[layer] = pattern.detach()
         return edge_gates.gated_pattern(pattern, mask)
+
+    def open_edges_in(self, layer: int) -> torch.Tensor:
+        """Edges open in ``layer`` in the latest pass, summed over its heads ``[batch]``."""
+        if self._masks[layer] is None:
+            raise RuntimeError("no gate masks recorded yet: run a forward pass inside the sparse_attention block")
+        return edge_gates.count_open_edges(self._masks[layer].detach()).sum(-1)
 
     def _stacked(self, items, what):
         if any(item is None for item in items):
@@ -201,16 +223,16 @@ class EdgeGates:
         return [Edge(*map(int, w)) for w in where]
 
 
-class _ModelGating:
-    """The permanent gating hooks of one model and what they do now: the open
-    :func:`sparse_attention` block's gates if there is one, else deterministic gates at the
-    model's own ``gate_bias`` (a sparse model), else nothing (a dense model)."""
+class NativeGating:
+    """What a model's gates do now: the open :func:`sparse_attention` block's gates if there is
+    one, else deterministic gates at the model's own ``gate_bias`` (a sparse model), else nothing
+    (a dense model). A :class:`~sparsecirc.transformer.GatedTransformer` holds one and gates in
+    its own forward pass; other TransformerLens models get a :class:`_ModelGating`, which gates
+    through hooks."""
 
-    def __init__(self, model, gate_bias: float | None = None):
-        self.n_layers, self.n_heads, _ = attention_shape(model)
-        self.owner = weakref.ref(model)
+    def __init__(self, n_layers: int, n_heads: int, gate_bias: float | None = None):
+        self.n_layers, self.n_heads = n_layers, n_heads
         self.block: EdgeGates | None = None
-        self.handles: list[tuple] = []  # (hook point, LensHandle, stores q or k: kept last on its point)
         self.set_gate_bias(gate_bias)
 
     def active(self) -> EdgeGates | None:
@@ -220,6 +242,17 @@ class _ModelGating:
         self.gate_bias = gate_bias
         self.own = None if gate_bias is None else EdgeGates("deterministic", gate_bias, self.n_layers, self.n_heads,
                                                             record=False)
+
+
+class _ModelGating(NativeGating):
+    """The permanent gating hooks of a TransformerLens bridge (``hook_q``, ``hook_k``,
+    ``hook_pattern``), gating as :class:`NativeGating` says."""
+
+    def __init__(self, model, gate_bias: float | None = None):
+        n_layers, n_heads, _ = attention_shape(model)
+        super().__init__(n_layers, n_heads, gate_bias)
+        self.owner = weakref.ref(model)
+        self.handles: list[tuple] = []  # (hook point, LensHandle, stores q or k: kept last on its point)
 
     def attach(self, model) -> None:
         """Add the hooks: on ``hook_q`` and ``hook_k`` they store q and k, on ``hook_pattern``
@@ -287,6 +320,8 @@ def _gating(model, create: bool = True) -> _ModelGating | None:
     was broken: gating hooks removed (``reset_hooks(including_permanent=True)``) come back, and
     a ``copy.deepcopy`` of a model, whose copied hooks still serve the original, gets its own."""
     gating = model.__dict__.get(_GATING_ATTRIBUTE)
+    if type(gating) is NativeGating:  # a GatedTransformer gates in its own forward pass
+        return gating
     if gating is None and not create:
         return None
     if gating is None or gating.owner() is not model or not gating.attached():

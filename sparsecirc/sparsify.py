@@ -241,7 +241,7 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     tokens, targets = task.batch(list(split.train))
     batch_generator = torch.Generator().manual_seed(config.seed)
     gate_generator = torch.Generator().manual_seed(config.seed + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2),
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2), fused=True,
                                   weight_decay=config.weight_decay)
     # a second constraint, closed_push <= PUSH_TOLERANCE, with its own multiplier: the CE gradient
     # pulls closed logits back up through the weights they share with open ones, so a fixed

@@ -85,7 +85,7 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
     train_sample = sample_pairs(split.train, config.eval_size, config.seed)  # steers the stopping rule
     test_sample = sample_pairs(split.test, config.eval_size, config.seed)  # only reported
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     history, running, start = [], [], time.perf_counter()
     try:
         model.train()

@@ -7,6 +7,7 @@ settings.load_profile("sparsecirc")
 
 from sparsecirc.data import AdditionTask, make_split
 from sparsecirc.model import ModelConfig
+from sparsecirc.sparse_attention import gate_bias_of, set_gate_bias
 
 # A tiny task and model so that unit tests take seconds: 1-digit operands, 2 answer slots.
 TINY = ModelConfig(operand_digits=1, answer_digits=2, n_layers=2, n_heads=2, d_head=8, d_model=16, d_mlp=32, seed=0)
@@ -32,3 +33,15 @@ def tiny_config():
 @pytest.fixture
 def tiny_split():
     return make_split(AdditionTask(1, 2), test_size=20, seed=0)
+
+
+def bridge_twin(model):
+    """A TransformerLens ``TransformerBridge`` (``boot_native``) with ``model``'s weights and gate
+    bias: gated through hooks, it must compute what the GatedTransformer computes."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_native(model.cfg)
+    bridge.load_state_dict(model.state_dict())
+    set_gate_bias(bridge, gate_bias_of(model))
+    bridge.train(model.training)
+    return bridge

@@ -1,42 +1,45 @@
-"""The lean evaluation pass (each operand prefix computed once) computes what the bridge computes:
-the same answers, failures and open edges, for every gating evaluate offers; and it steps aside
-for a model it cannot serve exactly."""
+"""Evaluation with each operand prefix computed once (GatedTransformer.run_shared_prefix) gives what
+the whole forward pass gives: the same answers, failures and open edges, for every gating evaluate
+offers; and it steps aside when a user's hook is attached. A TransformerLens bridge with the same
+weights, gated through hooks, agrees too: both call the gate of sparsecirc.gates."""
 
 from copy import deepcopy
 
 import pytest
 import torch
 
-import sparsecirc.evaluation as evaluation
+from conftest import bridge_twin
 from sparsecirc import AdditionTask, Edge, ModelConfig, build_model, evaluate, load_checkpoint, mask_closing
 from sparsecirc.evaluation import answer_logits
 from sparsecirc.paths import reference_base_checkpoint_path, reference_sparse_checkpoint_path
-from sparsecirc.shared_prefix import SharedPrefixForward, shared_prefix_supported
 from sparsecirc.sparse_attention import analysis_run
+from sparsecirc.transformer import GatedTransformer
 
 
 NEAR = 1e-4  # closer to a decision than this, rounding may tip it either way
 
 
 def through_bridge(monkeypatch, *args, **kwargs):
-    """``evaluate`` with the lean pass turned off."""
+    """``evaluate`` through the whole forward pass, as for a model with a user's hook."""
     with monkeypatch.context() as patch:
-        patch.setattr(evaluation, "shared_prefix_supported", lambda model: False)
+        patch.setattr(GatedTransformer, "has_user_hooks", lambda model: True)
         return evaluate(*args, **kwargs)
 
 
-def both_passes(model, task, operands, **options):
+def both_passes(model, task, operands, reference=None, **options):
     """Both passes on ``operands`` with ``evaluate``'s gating ``options``: ``(lean, bridge)``, each
-    ``(logits [n, answer_digits, d_vocab], open edges [n, layer] or None)``, and ``unsure`` [n]:
-    the inputs on which the bridge has a gate logit within ``NEAR`` of 0, or two best logits of
-    an answer slot within ``NEAR`` of each other."""
+    ``(logits [n, answer_digits, d_vocab], open edges [n, layer] or None)``: the shared-prefix
+    run of ``model`` and the whole forward pass of ``reference`` (default ``model``; a bridge
+    twin gates through hooks), and ``unsure`` [n]: the inputs on which the whole pass has a gate
+    logit within ``NEAR`` of 0, or two best logits of an answer slot within ``NEAR`` of each other."""
     tokens, _ = task.encode_operands(operands[:, 0], operands[:, 1])
     with analysis_run(model, **options) as gates:
         counted = gates.mode != "dense" or options.get("edge_mask") is not None
-        lean_pass = SharedPrefixForward(model, task, None if gates.mode == "dense" else gates.gate_bias,
-                                        options.get("edge_mask"), counted)
-        lean = lean_pass(operands, tokens)
-        logits = answer_logits(model, tokens, task)
+        prefix_key = operands[:, 0] * 10 ** (task.operand_digits - 1) + operands[:, 1] // 10
+        lean = model.run_shared_prefix(tokens, prefix_key, 2 * task.operand_digits, task.prompt_len, counted)
+    reference = model if reference is None else reference
+    with analysis_run(reference, **options) as gates:
+        logits = reference(tokens)[:, task.prompt_len:]
         bridge = (logits, gates.open_edges.sum(-1) if counted else None)
         best_two = logits.topk(2, dim=-1).values  # [n, answer_digits, 2]
         unsure = ((best_two[..., 0] - best_two[..., 1]) < NEAR).any(-1)
@@ -94,7 +97,7 @@ def shipped_two_digit():
 def test_lean_pass_matches_the_bridge_on_every_two_digit_problem(shipped_two_digit, monkeypatch, which, options):
     base, sparse, task, everything = shipped_two_digit
     model = base if which == "base" else sparse
-    assert shared_prefix_supported(model)
+    assert not model.has_user_hooks()
     options = dict(options)
     if options.pop("close", False):  # a third of all edges, in every layer: answers change a lot
         options["edge_mask"] = mask_closing(model, every_edge_where(model, task, lambda l, h, q, k: (q + k + h) % 3 == 0))
@@ -140,18 +143,19 @@ def test_lean_pass_matches_the_bridge_on_the_three_digit_sparse_model(monkeypatc
 
 
 @pytest.mark.parametrize("act_fn", ["relu", "gelu", "gelu_new", "silu"])
-def test_lean_logits_match_the_bridge_for_every_activation(act_fn):
-    """Untrained dense 3-digit models, every MLP activation a config allows: the 2,000
-    problems with a < 2 share 200 prefixes, which the lean pass computes once each."""
+def test_shared_prefix_logits_match_transformer_lens_for_every_activation(act_fn):
+    """Untrained dense 3-digit models, every MLP activation a config allows, against
+    TransformerLens' native bridge with the same weights: the 2,000 problems with a < 2 share
+    200 prefixes, which the shared-prefix run computes once each."""
     task = AdditionTask(3, 5)
     model = build_model(ModelConfig(3, 5, act_fn=act_fn, seed=7))
     operands = torch.cartesian_prod(torch.arange(2), torch.arange(1000))
     tokens, _ = task.encode_operands(operands[:, 0], operands[:, 1])
-    lean = SharedPrefixForward(model, task, gate_bias=None, edge_mask=None, count_edges=False)
+    prefix_key = operands[:, 0] * 100 + operands[:, 1] // 10
     with torch.no_grad():
-        logits, open_edges = lean(operands, tokens)
+        logits, open_edges = model.run_shared_prefix(tokens, prefix_key, 6, task.prompt_len, count_edges=False)
     with analysis_run(model):
-        expected = answer_logits(model, tokens, task)
+        expected = bridge_twin(model)(tokens)[:, task.prompt_len:]  # TransformerLens' own forward pass
     assert open_edges is None and logits.shape == expected.shape == (2_000, 5, 13)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -159,7 +163,6 @@ def test_lean_logits_match_the_bridge_for_every_activation(act_fn):
 def test_lean_pass_serves_one_digit_tasks(tiny_config, tiny_split, monkeypatch):
     model = build_model(tiny_config.sparse(1.0))
     everything = torch.cartesian_prod(torch.arange(10), torch.arange(10))
-    assert shared_prefix_supported(model)
     lean, bridge, unsure = both_passes(model, tiny_split.task, everything)
     assert_same_where_sure(lean, bridge, unsure)
     assert_evaluations_agree(evaluate(model, tiny_split.task, everything, batch_size=33),
@@ -167,9 +170,9 @@ def test_lean_pass_serves_one_digit_tasks(tiny_config, tiny_split, monkeypatch):
                              int(unsure.sum()))
 
 
-def test_copies_double_models_and_removed_gating_hooks(tiny_config, tiny_split):
-    """A deep copy is served with its own gates; a float64 model goes through the bridge; a
-    sparse model whose gating hooks were removed gets them back before anything runs."""
+def test_copies_double_models_and_removed_hooks(tiny_config, tiny_split):
+    """A deep copy is served with its own gates; a float64 model runs too; removing every hook
+    does not ungate a sparse model."""
     model = build_model(tiny_config.sparse(1.0))
     everything = torch.cartesian_prod(torch.arange(10), torch.arange(10))
     before = evaluate(model, tiny_split.task, everything)
@@ -179,29 +182,28 @@ def test_copies_double_models_and_removed_gating_hooks(tiny_config, tiny_split):
     assert evaluate(model, tiny_split.task, everything).summary() == before.summary()
     seq_len = tiny_split.task.seq_len
     assert before.mean_open_edges < tiny_config.n_layers * tiny_config.n_heads * seq_len * (seq_len + 1) / 2  # gated
-    double = build_model(tiny_config).double()
-    assert not shared_prefix_supported(double)
-    assert evaluate(double, tiny_split.task, everything).n == 100
+    double = build_model(tiny_config.sparse(1.0)).double()
+    assert evaluate(double, tiny_split.task, everything).summary()["n_failures"] == before.summary()["n_failures"]
 
 
-def test_a_model_with_a_user_hook_runs_through_the_bridge(tiny_config, tiny_split):
-    """A hook someone attached must fire: such a model is not served by the lean pass."""
+def test_a_model_with_a_user_hook_runs_whole(tiny_config, tiny_split):
+    """A hook someone attached must fire on every position: such a model runs whole."""
     model = build_model(tiny_config)
-    assert shared_prefix_supported(model)
+    assert not model.has_user_hooks()
     calls = []
     model.hook_dict["blocks.0.hook_resid_pre"].add_hook(lambda x, hook: calls.append(x.shape[0]), is_permanent=True)
-    assert not shared_prefix_supported(model)
+    assert model.has_user_hooks()
     evaluate(model, tiny_split.task, tiny_split.test, batch_size=7)
     assert sum(calls) == len(tiny_split.test)
     model.reset_hooks(including_permanent=True)
-    assert shared_prefix_supported(model)
+    assert not model.has_user_hooks()
 
     handle = model.blocks[1].register_forward_hook(lambda module, args, out: None)  # a plain torch hook
-    assert not shared_prefix_supported(model)
+    assert model.has_user_hooks()
     handle.remove()
     with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda pattern, hook: pattern)]):
-        assert not shared_prefix_supported(model)
-    assert shared_prefix_supported(model)
+        assert model.has_user_hooks()
+    assert not model.has_user_hooks()
 
 
 def _later_threshold(scores, bias, in_place=False):
@@ -214,17 +216,30 @@ def _halved_pattern(pattern, gates, in_place=False):
 
 @pytest.mark.parametrize("where, change", [("gate_logits_from_scores", _later_threshold),
                                            ("gated_pattern", _halved_pattern)])
-def test_one_change_to_the_gate_in_gates_py_reaches_both_passes(shipped_two_digit, monkeypatch, where, change):
+def test_one_change_to_the_gate_in_gates_py_reaches_both_models(shipped_two_digit, monkeypatch, where, change):
     """The gate logit and pattern x gates are defined once (sparsecirc.gates): changed there,
-    the bridge's hooks and the lean pass both follow, and still agree."""
+    the GatedTransformer and a TransformerLens bridge gated through hooks both follow, and
+    still agree."""
     _, sparse, task, everything = shipped_two_digit
     operands = everything[::7]
-    before, _, _ = both_passes(sparse, task, operands)
+    twin = bridge_twin(sparse)
+    before, _, _ = both_passes(sparse, task, operands, twin)
     monkeypatch.setattr(f"sparsecirc.gates.{where}", change)
-    lean, bridge, unsure = both_passes(sparse, task, operands)
+    lean, bridge, unsure = both_passes(sparse, task, operands, twin)
     assert_same_where_sure(lean, bridge, unsure)
     if where == "gate_logits_from_scores":  # fewer gates open in both
         assert (bridge[1].sum(-1) < before[1].sum(-1)).float().mean() > 0.5
     else:  # layer 0's gates are the same (its input is), the outputs are not
         assert torch.equal(bridge[1][:, 0].long(), before[1][:, 0].long())
         assert not torch.allclose(bridge[0], before[0], atol=1e-2)
+
+
+@pytest.mark.parametrize("which", ["base", "sparse"])
+def test_a_transformer_lens_bridge_with_the_same_weights_agrees(shipped_two_digit, which):
+    """The shipped models' weights in TransformerLens' native bridge, gated through hooks: the
+    same answers and open edges on every 2-digit problem (but the unsure ones)."""
+    base, sparse, task, everything = shipped_two_digit
+    model = base if which == "base" else sparse
+    options = {"gate_bias": 3.0} if which == "base" else {}
+    lean, bridge, unsure = both_passes(model, task, everything, bridge_twin(model), **options)
+    assert_same_where_sure(lean, bridge, unsure)

@@ -1,10 +1,13 @@
-"""Edge gating through TransformerLens hooks, on two configs of different shape."""
+"""Edge gating, on two configs of different shape and two kinds of model: sparsecirc's own
+GatedTransformer (gated in its forward pass) and a TransformerLens bridge with the same weights
+(gated through hooks). Both call the gate of sparsecirc.gates and must agree."""
 
 import pytest
 import torch
 
 from sparsecirc.gates import n_causal_pairs
 from sparsecirc.model import ModelConfig, build_model
+from conftest import bridge_twin
 from sparsecirc.sparse_attention import (Edge, analysis_run, gate_bias_of, mask_closing, mask_keeping, set_gate_bias,
                                          sparse_attention)
 
@@ -14,14 +17,24 @@ CONFIGS = [
 ]
 
 
-def _model_and_tokens(config, n=6):
+@pytest.fixture(params=["gated", "bridge"])
+def kind(request):
+    return request.param
+
+
+def _build(config, kind):
+    model = build_model(config)
+    return model if kind == "gated" else bridge_twin(model)
+
+
+def _model_and_tokens(config, kind="gated", n=6):
     task = config.task
-    return build_model(config), task.batch(task.all_pairs()[:: max(1, task.n_problems // n)][:n])[0]
+    return _build(config, kind), task.batch(task.all_pairs()[:: max(1, task.n_problems // n)][:n])[0]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_all_gates_open_reproduces_the_dense_model(config):
-    model, tokens = _model_and_tokens(config)
+def test_all_gates_open_reproduces_the_dense_model(kind, config):
+    model, tokens = _model_and_tokens(config, kind)
     dense = model(tokens)
     with sparse_attention(model, "deterministic", gate_bias=1e4) as gates:
         gated = model(tokens)
@@ -32,9 +45,9 @@ def test_all_gates_open_reproduces_the_dense_model(config):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_gate_logit_is_the_softmax_score(config):
+def test_gate_logit_is_the_softmax_score(kind, config):
     """softmax(gate logits - bias) is exactly the pattern the model computes."""
-    model, tokens = _model_and_tokens(config)
+    model, tokens = _model_and_tokens(config, kind)
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     with sparse_attention(model, "deterministic", gate_bias=50.0) as gates:  # all open; exact enough in float32
         model(tokens)
@@ -44,8 +57,8 @@ def test_gate_logit_is_the_softmax_score(config):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_closing_gates_changes_the_output_and_leaves_no_hooks(config, temporary_hook_count):
-    model, tokens = _model_and_tokens(config)
+def test_closing_gates_changes_the_output_and_leaves_no_hooks(kind, config, temporary_hook_count):
+    model, tokens = _model_and_tokens(config, kind)
     dense = model(tokens)
     assert temporary_hook_count(model) == 0
     for _ in range(2):
@@ -58,11 +71,12 @@ def test_closing_gates_changes_the_output_and_leaves_no_hooks(config, temporary_
         assert torch.equal(model(tokens), dense)
     points = {id(point): point for point in model.hook_dict.values()}.values()  # hook_dict also holds aliases
     permanent = sum(len(point.fwd_hooks) for point in points)
-    assert permanent == 3 * config.n_layers  # hook_q, hook_k, hook_pattern: attached once, however many blocks
+    # a bridge: hook_q, hook_k, hook_pattern, attached once, however many blocks; a GatedTransformer gates without hooks
+    assert permanent == (3 * config.n_layers if kind == "bridge" else 0)
 
 
-def test_no_hook_survives_an_exception(tiny_config, temporary_hook_count):
-    model, tokens = _model_and_tokens(tiny_config)
+def test_no_hook_survives_an_exception(kind, tiny_config, temporary_hook_count):
+    model, tokens = _model_and_tokens(tiny_config, kind)
     with pytest.raises(KeyError):
         with sparse_attention(model, "sample", gate_bias=3.0):
             model(tokens).sum().backward()
@@ -70,8 +84,8 @@ def test_no_hook_survives_an_exception(tiny_config, temporary_hook_count):
     assert temporary_hook_count(model) == 0
 
 
-def test_sample_mode_gives_hard_gates_and_gradients_to_qk_weights(tiny_config):
-    model, tokens = _model_and_tokens(tiny_config)
+def test_sample_mode_gives_hard_gates_and_gradients_to_qk_weights(kind, tiny_config):
+    model, tokens = _model_and_tokens(tiny_config, kind)
     with sparse_attention(model, "sample", gate_bias=0.0, generator=torch.Generator().manual_seed(0)) as gates:
         out = model(tokens)
         expected = gates.expected_edges
@@ -85,8 +99,8 @@ def test_sample_mode_gives_hard_gates_and_gradients_to_qk_weights(tiny_config):
     assert model.blocks[0].attn.k.weight.grad.abs().sum() > 0  # and so does the task loss, through the gates
 
 
-def test_expected_edges_matches_sigmoid_of_logits(tiny_config):
-    model, tokens = _model_and_tokens(tiny_config)
+def test_expected_edges_matches_sigmoid_of_logits(kind, tiny_config):
+    model, tokens = _model_and_tokens(tiny_config, kind)
     with sparse_attention(model, "deterministic", gate_bias=2.0) as gates:
         model(tokens)
     expected = torch.sigmoid(gates.logits).sum(dim=(-2, -1))  # -inf off the triangle -> 0
@@ -94,8 +108,8 @@ def test_expected_edges_matches_sigmoid_of_logits(tiny_config):
     assert (gates.open_edges == (gates.logits > 0).sum(dim=(-2, -1))).all()
 
 
-def test_fixed_masks_close_or_keep_given_edges(tiny_config):
-    model, tokens = _model_and_tokens(tiny_config)
+def test_fixed_masks_close_or_keep_given_edges(kind, tiny_config):
+    model, tokens = _model_and_tokens(tiny_config, kind)
     dense = model(tokens)
     edge = Edge(layer=1, head=0, query=tokens.shape[1] - 1, key=0)
     with sparse_attention(model, "dense", edge_mask=mask_closing(model, [edge])) as gates:
@@ -109,8 +123,8 @@ def test_fixed_masks_close_or_keep_given_edges(tiny_config):
     assert gates.open_edge_list(0) == sorted(keep)
 
 
-def test_bad_arguments_raise_clear_errors(tiny_config, temporary_hook_count):
-    model, _ = _model_and_tokens(tiny_config)
+def test_bad_arguments_raise_clear_errors(kind, tiny_config, temporary_hook_count):
+    model, _ = _model_and_tokens(tiny_config, kind)
     with pytest.raises(ValueError, match="unknown gating mode"):
         with sparse_attention(model, "soft"):
             pass
@@ -127,15 +141,15 @@ def test_bad_arguments_raise_clear_errors(tiny_config, temporary_hook_count):
     assert temporary_hook_count(model) == 0
 
 
-def test_reading_gates_before_a_forward_pass_is_an_error(tiny_config):
-    model, _ = _model_and_tokens(tiny_config)
+def test_reading_gates_before_a_forward_pass_is_an_error(kind, tiny_config):
+    model, _ = _model_and_tokens(tiny_config, kind)
     with sparse_attention(model, "deterministic", gate_bias=3.0) as gates:
         with pytest.raises(RuntimeError, match="run a forward pass"):
             gates.masks
 
 
-def test_a_sparse_model_runs_with_its_own_gates_on_every_path(tiny_config):
-    model, tokens = _model_and_tokens(tiny_config)
+def test_a_sparse_model_runs_with_its_own_gates_on_every_path(kind, tiny_config):
+    model, tokens = _model_and_tokens(tiny_config, kind)
     dense = model(tokens)
     with sparse_attention(model, "deterministic", gate_bias=0.5) as gates:
         gated = model(tokens)
@@ -156,18 +170,18 @@ def test_a_sparse_model_runs_with_its_own_gates_on_every_path(tiny_config):
     assert gate_bias_of(model) is None and torch.equal(model(tokens), dense)
 
 
-def test_a_sparse_config_builds_a_gated_model(tiny_config):
-    sparse = build_model(tiny_config.sparse(0.5))
-    dense = build_model(tiny_config)
-    _, tokens = _model_and_tokens(tiny_config)
+def test_a_sparse_config_builds_a_gated_model(kind, tiny_config):
+    sparse = _build(tiny_config.sparse(0.5), kind)
+    dense = _build(tiny_config, kind)
+    _, tokens = _model_and_tokens(tiny_config, kind)
     assert gate_bias_of(sparse) == 0.5 and gate_bias_of(dense) is None
     with sparse_attention(dense, "deterministic", gate_bias=0.5):
         expected = dense(tokens)
     assert torch.equal(sparse(tokens), expected)
 
 
-def test_gating_a_dense_model_needs_a_bias_and_blocks_do_not_nest(tiny_config):
-    model, tokens = _model_and_tokens(tiny_config)
+def test_gating_a_dense_model_needs_a_bias_and_blocks_do_not_nest(kind, tiny_config):
+    model, tokens = _model_and_tokens(tiny_config, kind)
     for mode in ("deterministic", "sample"):
         with pytest.raises(ValueError, match="need a gate_bias"):
             with sparse_attention(model, mode):
@@ -186,8 +200,8 @@ def test_gating_a_dense_model_needs_a_bias_and_blocks_do_not_nest(tiny_config):
             pass
 
 
-def test_analysis_run_restores_the_mode_after_an_exception(tiny_config):
-    model, tokens = _model_and_tokens(tiny_config)
+def test_analysis_run_restores_the_mode_after_an_exception(kind, tiny_config):
+    model, tokens = _model_and_tokens(tiny_config, kind)
     model.train()
     with pytest.raises(KeyError):
         with analysis_run(model, gate_bias=1.0):
@@ -200,11 +214,11 @@ def test_analysis_run_restores_the_mode_after_an_exception(tiny_config):
     assert model.training
 
 
-def test_a_copy_of_a_sparse_model_has_gates_of_its_own(tiny_config):
+def test_a_copy_of_a_sparse_model_has_gates_of_its_own(kind, tiny_config):
     import copy
 
-    model = build_model(tiny_config.sparse(0.5))
-    _, tokens = _model_and_tokens(tiny_config)
+    model = _build(tiny_config.sparse(0.5), kind)
+    _, tokens = _model_and_tokens(tiny_config, kind)
     gated = model(tokens).detach()
     model(tokens).sum().backward()  # a pass with a graph: the copy must not trip over it
     twin = copy.deepcopy(model)
@@ -219,9 +233,9 @@ def test_a_copy_of_a_sparse_model_has_gates_of_its_own(tiny_config):
     assert torch.equal(twin(tokens), ungated) and torch.equal(model(tokens), gated)
 
 
-def test_removing_every_hook_does_not_ungate_a_sparse_model(tiny_config, temporary_hook_count):
-    model = build_model(tiny_config.sparse(0.5))
-    _, tokens = _model_and_tokens(tiny_config)
+def test_removing_every_hook_does_not_ungate_a_sparse_model(kind, tiny_config, temporary_hook_count):
+    model = _build(tiny_config.sparse(0.5), kind)
+    _, tokens = _model_and_tokens(tiny_config, kind)
     gated = model(tokens)
     model.reset_hooks(including_permanent=True)
     assert torch.equal(model(tokens), gated)  # the gating hooks come back before the pass
@@ -230,9 +244,9 @@ def test_removing_every_hook_does_not_ungate_a_sparse_model(tiny_config, tempora
     assert temporary_hook_count(model) == 0
 
 
-def test_a_patched_q_changes_the_gates_as_it_changes_the_softmax(tiny_config):
-    model = build_model(tiny_config.sparse(0.5))
-    _, tokens = _model_and_tokens(tiny_config)
+def test_a_patched_q_changes_the_gates_as_it_changes_the_softmax(kind, tiny_config):
+    model = _build(tiny_config.sparse(0.5), kind)
+    _, tokens = _model_and_tokens(tiny_config, kind)
     zero_q = [(f"blocks.{l}.attn.hook_q", lambda q, hook: torch.zeros_like(q)) for l in range(tiny_config.n_layers)]
     with sparse_attention(model) as gates:
         model.run_with_hooks(tokens, fwd_hooks=zero_q)
