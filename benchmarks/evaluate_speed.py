@@ -6,10 +6,10 @@ cost, so a freshly built model stands in for a trained one; a checkpoint can be 
 Run it alone: another heavy process on the same cores doubles the times.
 
     python benchmarks/evaluate_speed.py [--checkpoint data/reference/add_d3_l4_h4_base.pt] [--batch-sizes 2500 10000]
-                                        [--gated] [--through-bridge]
+                                        [--gated] [--whole]
 
-``--through-bridge`` times the TransformerLens bridge instead of the lean shared-prefix pass
-that ``evaluate`` uses for models built by ``build_model`` (see ``sparsecirc.shared_prefix``).
+``--whole`` times the whole forward pass instead of the shared-prefix run that ``evaluate``
+uses when no user hook is attached (``GatedTransformer.run_shared_prefix``).
 """
 
 import argparse
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-import sparsecirc.evaluation
+from sparsecirc.transformer import GatedTransformer
 from sparsecirc import AdditionTask, ModelConfig, build_model, evaluate, load_checkpoint
 
 
@@ -27,10 +27,10 @@ def main():
     parser.add_argument("--checkpoint", help="a 3-digit checkpoint (default: a fresh default-size model)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2500, 10000])
     parser.add_argument("--gated", action="store_true", help="also time deterministic gates at bias 3")
-    parser.add_argument("--through-bridge", action="store_true", help="run the bridge, not the lean pass")
+    parser.add_argument("--whole", action="store_true", help="run the whole forward pass, not the shared prefixes")
     args = parser.parse_args()
-    if args.through_bridge:
-        sparsecirc.evaluation.shared_prefix_supported = lambda model: False
+    if args.whole:
+        GatedTransformer.has_user_hooks = lambda model: True  # evaluate then runs the model whole
 
     task = AdditionTask(3, 5)
     if args.checkpoint:
@@ -46,7 +46,7 @@ def main():
             seconds = time.perf_counter() - start
             rows.append({"batch_size": batch_size, "gate_bias": gate_bias, "seconds": round(seconds, 1),
                          "exact_match": result.exact_match, "threads": torch.get_num_threads(),
-                         "path": "bridge" if args.through_bridge else "shared prefix"})
+                         "path": "whole" if args.whole else "shared prefix"})
             print(json.dumps(rows[-1]), flush=True)
 
 
