@@ -5,14 +5,14 @@ Sparse Post-Training" (arXiv 2512.05865).
 
 Modules, one idea each:
     data        the addition task: vocabulary, encoding, the dataset split
-    model       ModelConfig -> a TransformerLens-native TransformerBridge that carries it (config_of)
+    model       ModelConfig -> a GatedTransformer that carries it (config_of)
+    transformer GatedTransformer: the model, one gated forward pass, TransformerLens hook points
     checkpoint  weights + config + metrics in one validated file
     files       writing safely: writability checked first, temporary file, atomic publish
     training    base training on the answer slots
     evaluation  exact match, per-digit accuracy, loss, failures, open edges
-    shared_prefix  the lean pass evaluate uses: each operand prefix computed once
     gates       the gate of one edge: logit, hard sample, straight-through gradient, expectation
-    sparse_attention  edge gates via hooks: a sparse model's own, and `with sparse_attention(model, mode)`
+    sparse_attention  edge gates: a sparse model's own, and `with sparse_attention(model, mode)`
     sparsify    the constrained (GECO-style) sparse post-training loop
     paths       data/ (shipped) and runs/ (each run's outputs)
     plots       training curves, attention patterns, edge counts
@@ -35,12 +35,13 @@ from .sparse_attention import (Edge, EdgeGates, analysis_run, gate_bias_of, mask
                                sparse_attention)
 from .sparsify import LagrangeMultiplier, SparsifyConfig, sparsify
 from .training import TrainConfig, train
+from .transformer import GatedTransformer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VOCAB", "AdditionTask", "AdditionSplit", "make_split", "save_split", "load_split",
-    "ModelConfig", "build_model", "config_of", "count_parameters",
+    "ModelConfig", "build_model", "config_of", "count_parameters", "GatedTransformer",
     "Checkpoint", "save_checkpoint", "read_checkpoint", "load_checkpoint",
     "TrainConfig", "train",
     "Evaluation", "evaluate", "predict", "answer_logits", "answer_loss",

@@ -12,9 +12,10 @@ softmax uses::
 - deterministic: m_ij = 1[g_ij > 0]
 
 and is used as ``pattern_ij * m_ij`` with no renormalisation; the open edges of an input are the
-gates summed over its causal pairs. Every path computes these here: the bridge's gating hooks
-(training, evaluation, analysis: :mod:`sparsecirc.sparse_attention`) and the prefix-sharing pass
-of whole enumerations (:mod:`sparsecirc.shared_prefix`).
+gates summed over its causal pairs. Every path computes these here, through
+:meth:`sparsecirc.sparse_attention.EdgeGates.gate`: the forward pass of
+:class:`~sparsecirc.transformer.GatedTransformer` (training, evaluation, analysis, the prefix-sharing
+run of whole enumerations) and the gating hooks of a TransformerLens bridge.
 """
 
 from __future__ import annotations

@@ -1,0 +1,96 @@
+"""The GatedTransformer: TransformerLens' hook points with the shapes they promise, the gate read
+off the score the softmax reads, TransformerLens' initial weights, and TransformerLens' own
+analysis tools running on it."""
+
+import pytest
+import torch
+from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+from transformer_lens.model_bridge import TransformerBridge
+
+from conftest import bridge_twin
+from sparsecirc import AdditionTask, GatedTransformer, build_model, load_checkpoint, set_gate_bias, sparse_attention
+from sparsecirc.paths import reference_base_checkpoint_path
+
+
+def _tokens(config, n=5):
+    task = config.task
+    return task.batch(task.all_pairs()[:: task.n_problems // n][:n])[0]
+
+
+def test_hook_points_carry_what_their_names_say(tiny_config):
+    model = build_model(tiny_config.sparse(0.5))
+    tokens = _tokens(tiny_config)
+    b, p = tokens.shape
+    h, d, m = tiny_config.n_heads, tiny_config.d_head, tiny_config.d_model
+    _, cache = model.run_with_cache(tokens)
+    shapes = {"attn.hook_q": (b, p, h, d), "attn.hook_k": (b, p, h, d), "attn.hook_v": (b, p, h, d),
+              "attn.hook_z": (b, p, h, d), "attn.hook_attn_scores": (b, h, p, p), "attn.hook_gate_logits": (b, h, p, p),
+              "attn.hook_gates": (b, h, p, p), "attn.hook_pattern": (b, h, p, p), "hook_resid_pre": (b, p, m),
+              "hook_attn_out": (b, p, m), "hook_mlp_out": (b, p, m), "mlp.hook_post": (b, p, tiny_config.d_mlp)}
+    for name, shape in shapes.items():
+        assert tuple(cache[f"blocks.1.{name}"].shape) == shape, name
+    scores, logits = cache["blocks.1.attn.hook_attn_scores"], cache["blocks.1.attn.hook_gate_logits"]
+    causal = torch.ones(p, p, dtype=torch.bool).tril()
+    assert torch.equal(logits[..., causal], scores[..., causal] + 0.5)  # the gate reads the softmax's score
+    gates = cache["blocks.1.attn.hook_gates"]
+    assert torch.equal(gates[..., causal], (logits[..., causal] > 0).float())
+    pattern = torch.softmax(scores, dim=-1) * gates  # no renormalisation
+    torch.testing.assert_close(cache["blocks.1.attn.hook_pattern"], pattern)
+    _, dense_cache = build_model(tiny_config).run_with_cache(tokens)
+    assert "blocks.1.attn.hook_gates" not in dense_cache  # a dense model computes no gates
+
+
+def test_a_patched_score_moves_the_softmax_and_the_gates_together(tiny_config):
+    model = build_model(tiny_config.sparse(0.5))
+    tokens = _tokens(tiny_config)
+    lowered = [(f"blocks.{l}.attn.hook_attn_scores", lambda s, hook: s - 100.0) for l in range(tiny_config.n_layers)]
+    with sparse_attention(model) as gates:
+        model.run_with_hooks(tokens, fwd_hooks=lowered)
+    assert gates.open_edges.sum() == 0  # every logit is now below 0: every gate shut
+
+
+def test_answer_slots_alone_give_the_same_logits(tiny_config):
+    model = build_model(tiny_config.sparse(0.5))
+    tokens = _tokens(tiny_config)
+    start = tiny_config.task.prompt_len
+    torch.testing.assert_close(model(tokens, output_from=start), model(tokens)[:, start:])
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, tokens.shape[1] + 1, dtype=torch.long))
+
+
+def test_initial_weights_are_transformer_lens_native(tiny_config):
+    model = build_model(tiny_config)
+    twin = bridge_twin(build_model(tiny_config))
+    booted = TransformerBridge.boot_native(model.cfg)
+    for name, value in booted.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert set(booted.state_dict()) == set(model.state_dict()) == set(twin.state_dict())
+    assert not torch.equal(build_model(tiny_config).embed.weight,
+                           build_model(tiny_config.__class__(**{**tiny_config.to_dict(), "seed": 1})).embed.weight)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_transformer_lens_attribution_patching_runs_and_agrees_with_the_bridge(gated):
+    """TransformerLens 4.3's attribution_patch (node granularity) on the shipped base model, dense
+    and gated: the same node scores as TransformerLens' own bridge with the same weights."""
+    model, _ = load_checkpoint(reference_base_checkpoint_path())
+    task = AdditionTask(2, 5)
+    clean, _ = task.batch([(36, 28), (53, 21)])
+    corrupt, _ = task.batch([(36, 21), (53, 28)])
+    slot = task.prompt_len + 4
+
+    def metric(logits):
+        return logits[0, slot, clean[0, 4]] - logits[0, slot, corrupt[0, 4]]
+
+    twin = bridge_twin(model).eval()
+    if gated:
+        set_gate_bias(model, 3.0)
+        set_gate_bias(twin, 3.0)
+    ours = attribution_patch(model, clean, corrupt, metric, EdgeAttributionConfig(granularity="node"))
+    theirs = attribution_patch(twin, clean, corrupt, metric, EdgeAttributionConfig(granularity="node"))
+    assert isinstance(model, GatedTransformer) and len(ours.node_scores) > 0
+    assert set(ours.node_scores) == set(theirs.node_scores)
+    for node, score in theirs.node_scores.items():
+        assert ours.node_scores[node] == pytest.approx(score, rel=1e-3, abs=1e-4), node
+    assert any(abs(score) > 1e-3 for score in ours.node_scores.values())
