@@ -1,19 +1,23 @@
-"""Edge-level gating of attention through TransformerLens hooks; a sparse model carries its own.
+"""Edge-level gating of attention; a sparse model carries its own.
 
 Each forward pass multiplies every head's attention pattern by one gate per (query, key) edge,
 with no renormalisation::
 
     out_i = sum_j softmax(scores)_ij * m_ij * v_j
 
-The gate logits are computed from ``hook_q`` and ``hook_k`` (``q.k / sqrt(d_head) + gate_bias``),
-and the gated pattern is returned from ``hook_pattern``. (``hook_attn_scores`` cannot be used:
-on a ``boot_native`` bridge it fires after the softmax and edits returned there are dropped.)
+:meth:`EdgeGates.gate` applies the gate of :mod:`sparsecirc.gates` for every model. A
+:class:`~sparsecirc.transformer.GatedTransformer` (what ``build_model`` makes) calls it in its own
+forward pass with the score its softmax read. A TransformerLens ``TransformerBridge`` is gated
+through hooks: the gate logits are computed from ``hook_q`` and ``hook_k`` (``q.k / sqrt(d_head)
++ gate_bias``), and the gated pattern is returned from ``hook_pattern``. (``hook_attn_scores``
+cannot be used there: on a ``boot_native`` bridge it fires after the softmax and edits returned
+there are dropped.)
 
 A *sparse model* is its gates: :func:`set_gate_bias` (called by ``build_model`` and
-``load_checkpoint`` for a sparse config, and by ``sparsify`` when it ends) attaches permanent
-hooks, so every forward pass, ``model(tokens)`` and ``model.run_with_cache(tokens)`` included,
-runs with deterministic gates at the model's own bias. The hooks fire before any other hook on
-the same point, so caches and patches see the gated pattern.
+``load_checkpoint`` for a sparse config, and by ``sparsify`` when it ends) sets the model's own
+gating (on a bridge: permanent hooks), so every forward pass, ``model(tokens)`` and
+``model.run_with_cache(tokens)`` included, runs with deterministic gates at the model's own
+bias, and caches and patches on ``hook_pattern`` see the gated pattern.
 
 ``with sparse_attention(model, mode) as gates:`` gates differently for the length of a block,
 and ``gates`` records what the gates did. Modes: ``"sample"`` (hard Bernoulli gates,
@@ -70,7 +74,7 @@ def check_attention_hooks(model) -> None:
     """Raise ``ValueError`` unless ``model`` is a TransformerLens bridge whose every layer has
     ``hook_q``, ``hook_k`` and ``hook_pattern``."""
     if not hasattr(model, "cfg") or not hasattr(model, "hook_dict"):
-        raise ValueError(f"edge gating needs a TransformerLens TransformerBridge (see build_model), "
+        raise ValueError(f"edge gating needs a GatedTransformer (see build_model) or a TransformerLens TransformerBridge, "
                          f"got {type(model).__name__}")
     n_layers = model.cfg.n_layers
     needed = [f"blocks.{l}.attn.{h}" for l in range(n_layers) for h in ("hook_q", "hook_k", "hook_pattern")]
