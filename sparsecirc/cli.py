@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 
@@ -18,7 +19,7 @@ from .files import check_parent_folder, check_writable
 from .data import AdditionTask, load_split, make_split, save_split
 from .evaluation import evaluate
 from .model import ModelConfig, build_model, count_parameters
-from .sparsify import SparsifyConfig, sparsify
+from .sparsify import SparsifyConfig, SparsifyWarning, sparsify
 from .training import TrainConfig, train
 
 
@@ -105,15 +106,19 @@ def cmd_sparsify(args) -> dict:
         raise ValueError(f"{args.base} is already a sparse checkpoint; start from a dense base model")
     config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, early_slack=args.early_slack,
                             slack=args.slack, final_slack=args.final_slack, weight_decay=args.weight_decay,
-                            prune_at=args.prune_at, eval_size=args.eval_size, seed=args.seed)
+                            prune_at=args.prune_at, eval_size=args.eval_size, edge_budget=args.edge_budget,
+                            seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
     out = _output_path(args.out, f"{sparse_config.name}.pt", "cli_sparsify", args.force)
     start = time.perf_counter()
-    history = sparsify(model, split, config, progress=not args.json)
+    with warnings.catch_warnings():  # reported below, in the result and on stderr
+        warnings.simplefilter("ignore", SparsifyWarning)
+        history = sparsify(model, split, config, progress=not args.json)
     seconds = time.perf_counter() - start
     metrics = evaluation_metrics(model, split)  # sparsify left a sparse model, gated at config.gate_bias
     metrics.update(steps=config.steps, sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
-                   tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"])
+                   tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"],
+                   warnings=history[-1]["warnings"])
     save_checkpoint(out, model, metrics=metrics, overwrite=args.force, replace_hint="--force",
                     extra={"sparsify_config": config.to_dict(), "history": history, "base": str(args.base)})
     return {"checkpoint": str(out), "config": sparse_config.name, **metrics}
@@ -177,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, default=sparsify_defaults.eval_size,
                    help="training problems the selection and the pruning passes evaluate, a fixed seeded sample "
                         "(the whole split if it is no larger)")
+    p.add_argument("--edge-budget", type=float, default=sparsify_defaults.edge_budget,
+                   help="open edges per input above which the run warns (default 10, the 2-digit bar)")
     p.add_argument("--seed", type=int, default=sparsify_defaults.seed)
+    p.add_argument("--strict", action="store_true", help="exit with code 3 when the run misses its bar (a warning)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
     p.set_defaults(run=cmd_sparsify)
 
@@ -208,4 +216,8 @@ def main(argv=None) -> int:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     _print(result, args.json)
+    for message in result.get("warnings", []):
+        print(f"warning: {message}", file=sys.stderr)
+    if result.get("warnings") and getattr(args, "strict", False):
+        return 3
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -71,6 +72,12 @@ class SparsifyConfig:
     ``-prune_margin``), pushes the closed gate's own logit below the margin, so the model's
     gates alone keep it shut. The selection evaluates the model's own gates, without the mask.
     ``prune_at=0`` turns this off.
+
+    A closure must not break the run: a pass is made only when the one before it is verified,
+    and a pass is verified when an evaluation after it meets ``select_accuracy`` again. If none
+    does within ``verify_steps``, the run goes back to the state just before the pass (weights,
+    optimiser, multipliers), reopens the edges it closed and marks them needed, so no later pass
+    closes them (``verify_steps=0`` keeps every closure unverified, as before).
     """
 
     gate_bias: float = 3.0
@@ -96,6 +103,8 @@ class SparsifyConfig:
     prune_until: float = 0.6
     prune_margin: float = 1.0
     prune_weight: float = 1.0
+    verify_steps: int = 300
+    edge_budget: float = 10.0  # a run whose selected state has more open edges per input says so
     seed: int = 0
 
     def __post_init__(self):
@@ -110,6 +119,10 @@ class SparsifyConfig:
         if not 0 <= self.prune_at <= self.prune_until <= 1 or self.prune_margin < 0 or self.prune_weight <= 0:
             raise ValueError(f"need 0 <= prune_at <= prune_until <= 1, prune_margin >= 0 and prune_weight > 0, got "
                              f"{self.prune_at}, {self.prune_until}, {self.prune_margin} and {self.prune_weight}")
+        if self.verify_steps < 0:
+            raise ValueError(f"verify_steps must be >= 0 (0: closures are not verified), got {self.verify_steps}")
+        if self.edge_budget <= 0:
+            raise ValueError(f"edge_budget must be positive, got {self.edge_budget}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.adam_beta2 < 1:
@@ -185,6 +198,35 @@ def duplicate_edges(mass: torch.Tensor) -> torch.Tensor:
     return (mass > 0) & (heads != mass.argmax(dim=1, keepdim=True))
 
 
+class SparsifyWarning(UserWarning):
+    """A sparsify run that missed its bar (see :func:`missed_bar`)."""
+
+
+def missed_bar(history: list[dict], config: SparsifyConfig) -> list[str]:
+    """What a finished run's ``history`` says it missed, one sentence each (empty: none): no
+    evaluated state reached ``select_accuracy``; the selected state is from before the pruning
+    passes ended (they broke the run, and it never came back to the bar); the selected state has
+    more than ``edge_budget`` open edges per input on the training sample."""
+    selected = history[-1]["selected_step"]
+    rows = {row["step"]: row for row in history if "train_exact_match" in row}
+    messages = []
+    best = max(row["train_exact_match"] for row in rows.values()) if rows else None
+    if best is None or best < config.select_accuracy:
+        messages.append(f"no evaluated state reached the selection bar of {config.select_accuracy:.2%} exact match on "
+                        f"the training sample (best {best:.2%}); the model is the last state. Try more --steps, "
+                        f"another --seed, or a larger --slack." if best is not None else
+                        "the run was never evaluated; the model is the last state")
+    elif config.prune_at > 0 and selected < config.prune_until * config.steps:
+        messages.append(f"the selected state (step {selected}) is from before the pruning passes ended (step "
+                        f"{round(config.prune_until * config.steps)}): after them the run never came back to "
+                        f"{config.select_accuracy:.2%} exact match. Try another --seed.")
+    row = rows.get(selected)
+    if row is not None and row["train_edges"] is not None and row["train_edges"] > config.edge_budget:
+        messages.append(f"the selected state has {row['train_edges']:.2f} open edges per input on the training "
+                        f"sample, above the budget of {config.edge_budget:g}. Try another --seed or more --steps.")
+    return messages
+
+
 def sparsify_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor, task, gate_bias: float,
                   multiplier: float, tau: float, generator: torch.Generator | None = None,
                   closed: torch.Tensor | None = None, margin: float = 1.0, closed_weight: float = 1.0) -> dict:
@@ -227,8 +269,9 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     ``multiplier``, ``constraint_ema``, ``expected_edges`` and ``sampled_edges`` per input), and
     on evaluation steps also the deterministic-gate ``train_exact_match``, ``train_edges``,
     ``test_exact_match``, ``test_loss`` and ``test_edges`` (edges: mean per input). The model is
-    left in the selected state (see :class:`SparsifyConfig`), its step the last row's ``selected_step``,
-    and is a sparse model from then on: every forward pass runs with its gates at ``config.gate_bias``.
+    left in the selected state (see :class:`SparsifyConfig`), its step the last row's ``selected_step``;
+    the last row's ``warnings`` lists what the run missed (:func:`missed_bar`), each also issued as a
+    :class:`SparsifyWarning`. The model is a sparse model from then on: every forward pass runs with its gates at ``config.gate_bias``.
     """
     if gate_bias_of(model) is not None:
         raise ValueError(f"this model is already sparse (gate_bias {gate_bias_of(model)}); sparsify starts from a "
@@ -251,6 +294,12 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     multiplier = LagrangeMultiplier(config.tau(base, 1), config.multiplier_init, config.multiplier_lr,
                                     config.constraint_ema, config.multiplier_min, config.multiplier_max)
     history, start, best, closed = [], time.perf_counter(), None, None
+    needed = None  # edges a failed pass closed: never closed again
+    pending = None  # the latest pass, not yet verified: (step, state just before it, edges it closed)
+
+    def state_now():
+        return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "closed": closed,
+                              "multipliers": [(m.value, m.constraint_ema) for m in (multiplier, push_multiplier)]})
     try:
         model.train()
         bar = tqdm(range(1, config.steps + 1), desc="sparsifying", disable=not progress, mininterval=PROGRESS_INTERVAL)
@@ -267,11 +316,16 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                 push_multiplier.update(stats["closed_push"])
             row = {"step": step, "seconds": time.perf_counter() - start, "lr": optimizer.param_groups[0]["lr"],
                    "tau": multiplier.tau, "multiplier": lam, "constraint_ema": multiplier.constraint_ema, **stats}
-            if config.prunes_at(step):
+            if config.prunes_at(step) and pending is None:
                 keep = None if closed is None else (~closed).float()
                 _, mass = edge_usage(model, task, train_sample, gate_bias=config.gate_bias, edge_mask=keep)
-                closed = duplicate_edges(mass) if closed is None else closed | duplicate_edges(mass)
-                row["closed_edges"] = int(closed.sum())
+                new = duplicate_edges(mass)
+                for shut in (closed, needed):
+                    new = new if shut is None else new & ~shut
+                if new.any():
+                    pending = (step, state_now(), new)
+                    closed = new if closed is None else closed | new
+                row["closed_edges"] = 0 if closed is None else int(closed.sum())
             if config.evaluates_at(step):
                 on_train = evaluate(model, task, train_sample, gate_bias=config.gate_bias)
                 on_test = evaluate(model, task, test_sample, gate_bias=config.gate_bias)
@@ -279,6 +333,18 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                            test_exact_match=on_test.exact_match, test_loss=on_test.loss, test_edges=on_test.mean_open_edges)
                 if on_train.exact_match >= config.select_accuracy and (best is None or on_train.mean_open_edges <= best[0]):
                     best = (on_train.mean_open_edges, step, copy.deepcopy(model.state_dict()))
+                if pending is not None and step > pending[0]:
+                    if on_train.exact_match >= config.select_accuracy:
+                        pending = None  # the run came back to the bar with these edges shut: they stay shut
+                    elif config.verify_steps and step - pending[0] >= config.verify_steps:
+                        _, before, failed = pending
+                        model.load_state_dict(before["model"])
+                        optimizer.load_state_dict(before["optimizer"])
+                        for m, (value, ema) in zip((multiplier, push_multiplier), before["multipliers"]):
+                            m.value, m.constraint_ema = value, ema
+                        closed, pending = before["closed"], None
+                        needed = failed if needed is None else needed | failed
+                        row["reopened_edges"] = int(failed.sum())
                 bar.set_postfix(ce=f"{stats['ce']:.3f}", lam=f"{lam:.2g}", edges=f"{on_train.mean_open_edges:.1f}",
                                 acc=f"{on_train.exact_match:.4f}")
             history.append(row)
@@ -286,6 +352,9 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
         if best is not None:
             model.load_state_dict(best[2])
         history[-1]["selected_step"] = best[1] if best is not None else config.steps
+        history[-1]["warnings"] = missed_bar(history, config)
+        for message in history[-1]["warnings"]:
+            warnings.warn(message, SparsifyWarning, stacklevel=2)
     finally:  # also when interrupted: the half-trained model is sparse, never silently dense
         set_gate_bias(model, config.gate_bias)  # from now on a sparse model: every forward pass is gated
         model.eval()

@@ -84,8 +84,15 @@ def test_cli_sparsify_then_evaluate_reports_edges(tmp_path, capsys):
     capsys.readouterr()
     sparse = tmp_path / "sparse.pt"
     assert main(["sparsify", "--base", str(base), "--data", str(data), "--out", str(sparse), "--steps", "300", "--json"]) == 0
-    made = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    made = json.loads(out.out)
     assert made["config"].endswith("_sparse") and "mean_open_edges" in made["all"]
+    assert isinstance(made["warnings"], list) and all(f"warning: {w}" in out.err for w in made["warnings"])
+    strict = ["sparsify", "--base", str(base), "--data", str(data), "--steps", "10", "--json", "--strict",
+              "--edge-budget", "0.001", "--out", str(tmp_path / "strict.pt")]
+    assert main(strict) == 3  # far above an edge budget of 0.001: the run says so, and --strict fails it
+    out = capsys.readouterr()
+    assert any("above the budget" in w for w in json.loads(out.out)["warnings"]) and "warning:" in out.err
     assert main(["evaluate", str(sparse), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["all"] == made["all"]
     assert main(["sparsify", "--base", str(sparse), "--data", str(data), "--out", str(tmp_path / "x.pt")]) == 2
