@@ -6,7 +6,7 @@ PyTorch processes side by side on a 2-core CPU each run 4-5x slower, which would
 timings). Each run is scored with deterministic gates on all 10,000 problems by the CLI itself.
 
 Writes ``results.json`` and ``results.md`` (a Markdown table: seed, threads, edges per input
-mean / min / max / per layer, exact match, selected step, seconds) into ``--out`` (default: a
+mean / min / max / per layer, exact match, selected step, seconds, the run's own warning) into ``--out`` (default: a
 new folder under ``runs/benchmarks/sparsify_seeds/``) and prints the table. A benchmark, not a
 test: it takes about 35-60 minutes for the default 10 runs.
 
@@ -52,7 +52,7 @@ def run_one(seed: int, threads: int, out: Path) -> dict:
             "edges_per_layer": on_all["open_edges_per_layer"], "exact_match": on_all["exact_match"],
             "n_failures": on_all["n_failures"], "held_out_exact_match": metrics["test"]["exact_match"],
             "selected_step": metrics["selected_step"], "sparsify_seconds": metrics["sparsify_seconds"],
-            "wall_seconds": round(wall, 1), "checkpoint": str(checkpoint)}
+            "wall_seconds": round(wall, 1), "warnings": metrics.get("warnings", []), "checkpoint": str(checkpoint)}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -62,17 +62,19 @@ def summarise(rows: list[dict]) -> dict:
             "max_wall_seconds_2_threads": max((row["wall_seconds"] for row in rows if row["threads"] == 2), default=None),
             "every_run_meets_the_bar": all(row["exact_match"] >= MIN_EXACT_MATCH and row["edges_mean"] <= MAX_EDGES
                                            for row in rows),
+            "runs_with_a_warning": sum(bool(row.get("warnings")) for row in rows),
             "median_meets_the_target": statistics.median(edges) <= MAX_MEDIAN_EDGES}
 
 
 def markdown_table(rows: list[dict], summary: dict) -> str:
-    lines = ["| seed | threads | edges per input | min | max | per layer | exact match (all 10,000) | selected step | s (fine-tuning / wall) |",
-             "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| seed | threads | edges per input | min | max | per layer | exact match (all 10,000) | selected step | s (fine-tuning / wall) | warning |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for row in rows:
         per_layer = " / ".join(f"{x:.2f}" for x in row["edges_per_layer"])
         lines.append(f"| {row['seed']} | {row['threads']} | {row['edges_mean']:.2f} | {row['edges_min']:.0f} | "
                      f"{row['edges_max']:.0f} | {per_layer} | {row['exact_match']:.2%} | {row['selected_step']} | "
-                     f"{row['sparsify_seconds']:.0f} / {row['wall_seconds']:.0f} |")
+                     f"{row['sparsify_seconds']:.0f} / {row['wall_seconds']:.0f} | "
+                     f"{'; '.join(row.get('warnings', [])) or 'none'} |")
     lines += ["", f"Median {summary['median_edges']:.2f} edges per input (target <= {MAX_MEDIAN_EDGES:g}); "
                   f"largest {summary['max_edges']:.2f} (bar <= {MAX_EDGES:g}); lowest exact match "
                   f"{summary['min_exact_match']:.2%} (bar >= {MIN_EXACT_MATCH:.1%})."]

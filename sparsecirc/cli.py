@@ -118,10 +118,22 @@ def cmd_sparsify(args) -> dict:
     metrics = evaluation_metrics(model, split)  # sparsify left a sparse model, gated at config.gate_bias
     metrics.update(steps=config.steps, sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
                    tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"],
-                   warnings=history[-1]["warnings"])
+                   warnings=history[-1]["warnings"] + all_problems_warning(metrics))
     save_checkpoint(out, model, metrics=metrics, overwrite=args.force, replace_hint="--force",
                     extra={"sparsify_config": config.to_dict(), "history": history, "base": str(args.base)})
     return {"checkpoint": str(out), "config": sparse_config.name, **metrics}
+
+
+ALL_PROBLEMS_BAR = 0.999  # every run must reach it on all problems (the selection bar is on the training sample)
+
+
+def all_problems_warning(metrics: dict) -> list[str]:
+    """A warning if the chosen state answers fewer than ``ALL_PROBLEMS_BAR`` of all problems right."""
+    exact = metrics["all"]["exact_match"]
+    if exact >= ALL_PROBLEMS_BAR:
+        return []
+    return [f"the chosen state answers {exact:.2%} of all {metrics['all']['n']:,} problems right, below the bar of "
+            f"{ALL_PROBLEMS_BAR:.1%}. Try another --seed or more --steps."]
 
 
 def cmd_evaluate(args) -> dict:
@@ -215,7 +227,7 @@ def main(argv=None) -> int:
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    _print(result, args.json)
+    _print(result if args.json else {k: v for k, v in result.items() if k != "warnings"}, args.json)
     for message in result.get("warnings", []):
         print(f"warning: {message}", file=sys.stderr)
     if result.get("warnings") and getattr(args, "strict", False):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+import torch
+
 from .data import AdditionTask
 from .sparse_attention import NativeGating, gate_bias_of, set_gate_bias
 from .transformer import GatedTransformer, bridge_config, native_initial_weights
@@ -107,7 +109,8 @@ def build_model(config: ModelConfig = ModelConfig(), initialise: bool = True) ->
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
     cfg = bridge_config(config)
-    model = GatedTransformer(cfg, NativeGating(config.n_layers, config.n_heads))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own initialisation would draw from the global RNG
+        model = GatedTransformer(cfg, NativeGating(config.n_layers, config.n_heads))
     if initialise:
         model.load_state_dict(native_initial_weights(cfg))
     model.__dict__[_CONFIG_ATTRIBUTE] = config.dense()  # the gate bias lives in the model's gating

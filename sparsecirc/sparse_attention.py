@@ -161,7 +161,7 @@ class EdgeGates:
                 mask = edge_gates.deterministic_gates(logits)
         if self.edge_mask is not None:
             mask = edge_gates.restrict(mask, self.edge_mask[..., layer, :, n_k - n_q:n_k, :n_k])
-        if on_gates is not None:
+        if on_gates is not None and self.mode != "dense":
             mask = on_gates(mask)
         self._q[layer] = self._k[layer] = None
         if self.record:  # a model's own gates record nothing: no tensors (or graphs) outlive the pass

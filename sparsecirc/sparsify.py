@@ -74,10 +74,11 @@ class SparsifyConfig:
     ``prune_at=0`` turns this off.
 
     A closure must not break the run: a pass is made only when the one before it is verified,
-    and a pass is verified when an evaluation after it meets ``select_accuracy`` again. If none
-    does within ``verify_steps``, the run goes back to the state just before the pass (weights,
-    optimiser, multipliers), reopens the edges it closed and marks them needed, so no later pass
-    closes them (``verify_steps=0`` keeps every closure unverified, as before).
+    and a pass is verified when an evaluation after it, with every closed edge shut, meets
+    ``select_accuracy`` again. If none does within ``verify_steps``, the run goes back to the
+    state just before the pass (weights, optimiser, multipliers), reopens the edges it closed and
+    marks them needed, so no later pass closes them. ``verify_steps=0`` verifies nothing: a pass
+    after every evaluation in the window, every closure for good.
     """
 
     gate_bias: float = 3.0
@@ -205,7 +206,7 @@ class SparsifyWarning(UserWarning):
 def missed_bar(history: list[dict], config: SparsifyConfig) -> list[str]:
     """What a finished run's ``history`` says it missed, one sentence each (empty: none): no
     evaluated state reached ``select_accuracy``; the selected state is from before the pruning
-    passes ended (they broke the run, and it never came back to the bar); the selected state has
+    passes ended and no state after them met the bar (they broke the run); the selected state has
     more than ``edge_budget`` open edges per input on the training sample."""
     selected = history[-1]["selected_step"]
     rows = {row["step"]: row for row in history if "train_exact_match" in row}
@@ -216,7 +217,9 @@ def missed_bar(history: list[dict], config: SparsifyConfig) -> list[str]:
                         f"the training sample (best {best:.2%}); the model is the last state. Try more --steps, "
                         f"another --seed, or a larger --slack." if best is not None else
                         "the run was never evaluated; the model is the last state")
-    elif config.prune_at > 0 and selected < config.prune_until * config.steps:
+    elif (config.prune_at > 0 and selected < config.prune_until * config.steps
+          and not any(row["train_exact_match"] >= config.select_accuracy for step, row in rows.items()
+                      if step >= config.prune_until * config.steps)):
         messages.append(f"the selected state (step {selected}) is from before the pruning passes ended (step "
                         f"{round(config.prune_until * config.steps)}): after them the run never came back to "
                         f"{config.select_accuracy:.2%} exact match. Try another --seed.")
@@ -316,14 +319,14 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                 push_multiplier.update(stats["closed_push"])
             row = {"step": step, "seconds": time.perf_counter() - start, "lr": optimizer.param_groups[0]["lr"],
                    "tau": multiplier.tau, "multiplier": lam, "constraint_ema": multiplier.constraint_ema, **stats}
-            if config.prunes_at(step) and pending is None:
+            if config.prunes_at(step) and pending is None:  # one pass at a time: the last one verified first
                 keep = None if closed is None else (~closed).float()
                 _, mass = edge_usage(model, task, train_sample, gate_bias=config.gate_bias, edge_mask=keep)
                 new = duplicate_edges(mass)
                 for shut in (closed, needed):
                     new = new if shut is None else new & ~shut
                 if new.any():
-                    pending = (step, state_now(), new)
+                    pending = (step, state_now(), new) if config.verify_steps else None
                     closed = new if closed is None else closed | new
                 row["closed_edges"] = 0 if closed is None else int(closed.sum())
             if config.evaluates_at(step):
@@ -334,8 +337,10 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                 if on_train.exact_match >= config.select_accuracy and (best is None or on_train.mean_open_edges <= best[0]):
                     best = (on_train.mean_open_edges, step, copy.deepcopy(model.state_dict()))
                 if pending is not None and step > pending[0]:
-                    if on_train.exact_match >= config.select_accuracy:
-                        pending = None  # the run came back to the bar with these edges shut: they stay shut
+                    shut = evaluate(model, task, train_sample, gate_bias=config.gate_bias, edge_mask=(~closed).float())
+                    row["exact_match_closed_shut"] = shut.exact_match
+                    if shut.exact_match >= config.select_accuracy:
+                        pending = None  # back at the bar with every closed edge shut: they stay shut
                     elif config.verify_steps and step - pending[0] >= config.verify_steps:
                         _, before, failed = pending
                         model.load_state_dict(before["model"])
@@ -353,9 +358,9 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
             model.load_state_dict(best[2])
         history[-1]["selected_step"] = best[1] if best is not None else config.steps
         history[-1]["warnings"] = missed_bar(history, config)
-        for message in history[-1]["warnings"]:
-            warnings.warn(message, SparsifyWarning, stacklevel=2)
     finally:  # also when interrupted: the half-trained model is sparse, never silently dense
         set_gate_bias(model, config.gate_bias)  # from now on a sparse model: every forward pass is gated
         model.eval()
+    for message in history[-1]["warnings"]:
+        warnings.warn(message, SparsifyWarning, stacklevel=2)
     return history

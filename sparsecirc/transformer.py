@@ -1,9 +1,9 @@
 """The model: a small decoder-only transformer in plain PyTorch whose attention is gated edge by edge.
 
 One forward pass serves training, evaluation and analysis. It is a TransformerLens
-``HookedRootModule``: ``model(tokens)``, ``run_with_cache``, ``run_with_hooks``, ``hooks()`` and
-the hook names of TransformerLens work on it, and every activation passes a ``HookPoint`` named for
-what it carries::
+``HookedRootModule``: ``model(tokens)``, ``run_with_cache``, ``run_with_hooks`` and ``hooks()``
+work on it, and every activation passes a ``HookPoint`` named as in TransformerLens for what it
+carries (the LayerNorms have no ``hook_scale``)::
 
     hook_embed, hook_pos_embed                      [batch, pos, d_model]
     blocks.{l}.hook_resid_pre, ln1.hook_normalized  [batch, pos, d_model]
@@ -202,7 +202,8 @@ class GatedTransformer(HookedRootModule):
 
     def _embed(self, tokens, first_position: int):
         positions = self.pos_embed.weight[first_position:first_position + tokens.shape[1]]
-        return self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(positions.expand(tokens.shape[0], -1, -1))
+        positions = positions.expand(tokens.shape[0], -1, -1).clone()  # a hook's in-place edit must not reach the weights
+        return self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(positions)
 
     def run_shared_prefix(self, tokens: torch.Tensor, prefix_key: torch.Tensor, n_prefix: int, output_from: int,
                           count_edges: bool):
@@ -212,6 +213,11 @@ class GatedTransformer(HookedRootModule):
         Returns the logits from ``output_from`` on ``[batch, pos - output_from, d_vocab]`` and,
         with ``count_edges``, the open edges per input and layer ``[batch, layer]``."""
         gates = self.gating.active()
+        if count_edges and (gates is None or not gates.record):
+            raise ValueError("counting edges needs a recording sparse_attention block around the run "
+                             "(evaluate and analysis_run open one)")
+        if gates is not None and gates.edge_mask is not None and gates.edge_mask.ndim != 4:
+            raise ValueError("run_shared_prefix takes one [layer, head, query, key] edge mask for every input")
         keys, inverse = torch.unique(prefix_key, return_inverse=True)
         first = torch.empty_like(keys).scatter_(0, inverse, torch.arange(len(prefix_key), device=keys.device))
         x_pre, x = self._embed(tokens[first, :n_prefix], 0), self._embed(tokens[:, n_prefix:], n_prefix)
@@ -252,10 +258,21 @@ class GatedTransformer(HookedRootModule):
         """A copy with its own weights and its own gating (same bias, no open block)."""
         clone = self.__class__.__new__(self.__class__)
         memo[id(self)] = clone
-        for key, value in self.__dict__.items():
-            clone.__dict__[key] = copy.deepcopy(value, memo)
-        clone.gating.block = None
+        block, self.gating.block = self.gating.block, None  # a block belongs to its with statement, not the model
+        try:
+            for key, value in self.__dict__.items():
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        finally:
+            self.gating.block = block
         return clone
+
+    def __getstate__(self):
+        """Pickled with its own gating, never an open block's."""
+        state = self.__dict__.copy()
+        gating = copy.copy(state["_sparsecirc_gating"])
+        gating.block = None
+        state["_sparsecirc_gating"] = gating
+        return state
 
 
 def native_initial_weights(cfg: TransformerBridgeConfig) -> dict[str, torch.Tensor]:

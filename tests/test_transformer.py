@@ -94,3 +94,29 @@ def test_transformer_lens_attribution_patching_runs_and_agrees_with_the_bridge(g
     for node, score in theirs.node_scores.items():
         assert ours.node_scores[node] == pytest.approx(score, rel=1e-3, abs=1e-4), node
     assert any(abs(score) > 1e-3 for score in ours.node_scores.values())
+
+
+def test_hooks_cannot_reach_the_weights_and_copies_leave_blocks_behind(tiny_config):
+    import copy
+    import pickle
+
+    model = build_model(tiny_config.sparse(0.5))
+    tokens = _tokens(tiny_config)
+    weights = model.pos_embed.weight.detach().clone()
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[("hook_pos_embed", lambda x, hook: x.zero_())])
+    assert torch.equal(model.pos_embed.weight, weights)  # an in-place edit changed this run only
+    gated = model(tokens)
+    with sparse_attention(model, "dense"):
+        model(tokens).sum().backward()  # a recorded pass with a graph
+        twin, unpickled = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
+    for other in (twin, unpickled):
+        assert torch.equal(other(tokens), gated)  # its own gates, not the block's dense mode
+
+
+def test_building_a_model_leaves_the_global_rng_alone(tiny_config):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_model(tiny_config)
+    assert torch.equal(torch.rand(3), expected)
