@@ -40,6 +40,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from . import gates as edge_gates
+from .data import VOCAB
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": functools.partial(F.gelu, approximate="tanh"),
                "silu": F.silu}
@@ -154,7 +155,6 @@ class Block(nn.Module):
 
 def bridge_config(config) -> TransformerBridgeConfig:
     """The TransformerLens config of a :class:`~sparsecirc.model.ModelConfig` (``model.cfg``)."""
-    from .data import VOCAB
     return TransformerBridgeConfig(
         n_layers=config.n_layers, d_model=config.d_model, n_heads=config.n_heads, d_head=config.d_head,
         d_mlp=config.d_mlp, d_vocab=len(VOCAB), n_ctx=config.task.seq_len, act_fn=config.act_fn,
@@ -224,7 +224,7 @@ class GatedTransformer(HookedRootModule):
         open_edges = torch.zeros(len(tokens), len(self.blocks), device=tokens.device) if count_edges else None
         for index, block in enumerate(self.blocks):
             last = index == len(self.blocks) - 1
-            x_pre, (k, v) = block(x_pre, gates)
+            x_pre, (k, v) = block(x_pre, gates, keep_from=n_prefix if last else 0)  # last layer: only k, v (and gates)
             if count_edges:
                 open_edges[:, index] += gates.open_edges_in(index)[inverse]
             x, _ = block(x, gates, past=(k[inverse], v[inverse]), keep_from=output_from - n_prefix if last else 0)

@@ -147,6 +147,8 @@ def test_a_run_that_misses_its_bar_says_what_it_missed(tiny_config):
     assert "no evaluated state reached" in missed_bar(history(100, accuracy=0.9), config)[0]
     with pytest.raises(ValueError, match="edge_budget"):
         SparsifyConfig(edge_budget=0.0)
+    with pytest.raises(ValueError, match="verify_steps"):
+        SparsifyConfig(verify_steps=-1)
 
 
 def test_weight_decay_keeps_the_gate_logits_smaller(tiny_config, tiny_split):
