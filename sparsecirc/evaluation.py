@@ -72,6 +72,7 @@ class Evaluation:
     per_digit_accuracy: list[float]
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (problem, predicted, expected), the first MAX_FAILURES_LISTED
     open_edges: torch.Tensor | None = None  # [n, layer]: open edges per input and layer (gated models)
+    wrong: torch.Tensor | None = None  # [n_failures]: positions in ``pairs`` of every problem answered wrong
 
     @property
     def n_failures(self) -> int:
@@ -111,7 +112,7 @@ def evaluate(model, task: AdditionTask, pairs, *, gate_bias: float | None = None
     operands = task.operand_tensor(pairs)  # [n, 2], checked once
     slices = batch_slices(len(operands), batch_size)
     total_loss, correct_digits, correct_exact, failures = 0.0, torch.zeros(task.answer_digits), 0, []
-    open_edges = []
+    open_edges, wrong_positions = [], []
     shared = (isinstance(model, GatedTransformer) and not model.has_user_hooks()
               and task.operand_digits <= MAX_SHARED_PREFIX_DIGITS)
     with analysis_run(model, gate_bias=gate_bias, dense=dense, edge_mask=edge_mask) as gates:
@@ -135,14 +136,15 @@ def evaluate(model, task: AdditionTask, pairs, *, gate_bias: float | None = None
             correct_digits += right.float().sum(0)
             exact = right.all(-1)
             correct_exact += int(exact.sum())
-            wrong = (~exact).nonzero().flatten().tolist()[:MAX_FAILURES_LISTED - len(failures)]
-            for i in wrong:  # Python work only for the failures listed
+            wrong = (~exact).nonzero().flatten()
+            wrong_positions.append(wrong.cpu() + part.start)
+            for i in wrong[:MAX_FAILURES_LISTED - len(failures)].tolist():  # Python work only for the failures listed
                 a, b = chunk[i].tolist()
                 failures.append((task.format_problem(a, b),
                                  "".join(VOCAB[t] for t in predicted[i].tolist()), task.answer(a, b)))
     n = len(operands)
     return Evaluation(n, total_loss / n, correct_exact / n, (correct_digits / n).tolist(), failures,
-                      torch.cat(open_edges) if counts_edges else None)
+                      torch.cat(open_edges) if counts_edges else None, torch.cat(wrong_positions))
 
 
 def predict(model, task: AdditionTask, problem: str, *, gate_bias: float | None = None, dense: bool = False) -> str:

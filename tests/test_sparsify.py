@@ -289,3 +289,57 @@ def test_a_pruning_pass_that_breaks_the_model_is_undone(tiny_config, tiny_split,
     assert not unverified and max(after_unverified) < config.select_accuracy  # every edge shut for good: broken
     assert selected_unverified <= 60  # only states up to the pass (evaluated before any step with the edges shut)
 
+
+
+@pytest.mark.parametrize("needs_bar", [True, False])
+def test_a_pruning_pass_is_made_only_from_a_model_at_the_bar(tiny_config, tiny_split, needs_bar):
+    """Duplicates measured on a broken model are no guide: a pass waits for an evaluation that meets
+    select_accuracy (here never: an untrained model). ``prune_needs_bar=False`` prunes regardless."""
+    model = build_model(tiny_config)  # untrained: far below the bar
+    config = SparsifyConfig(gate_bias=2.0, batch_size=16, steps=40, eval_every=10, prune_at=0.25, prune_until=1.0,
+                            decay_fraction=0.0, select_accuracy=0.99, prune_needs_bar=needs_bar)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsifyWarning)  # it misses its bar: expected
+        history = sparsify(model, tiny_split, config, progress=False)
+    assert all(row["train_exact_match"] < config.select_accuracy for row in history if "train_exact_match" in row)
+    passes = [row["step"] for row in history if "closed_edges" in row]
+    assert passes == ([] if needs_bar else [10, 20, 30, 40])
+
+
+@pytest.mark.parametrize("replay_size", [0, 5])
+def test_the_problems_an_evaluation_got_wrong_are_replayed_in_each_batch(tiny_config, tiny_split, monkeypatch,
+                                                                         replay_size):
+    """After each evaluation, up to ``replay_size`` of the training problems it answered wrong ride on
+    top of every batch, once each, until the next evaluation."""
+    import sys
+
+    module = sys.modules["sparsecirc.sparsify"]
+    batches, evaluations = [], []
+
+    def spy_step(model, optimizer, tokens, targets, *args, **kwargs):
+        batches.append(tokens.clone())
+        return real_step(model, optimizer, tokens, targets, *args, **kwargs)
+
+    def spy_evaluate(model, task, pairs, **kwargs):
+        result = real_evaluate(model, task, pairs, **kwargs)
+        evaluations.append((pairs, kwargs, result))
+        return result
+
+    real_step, real_evaluate = module.sparsify_step, module.evaluate
+    monkeypatch.setattr(module, "sparsify_step", spy_step)
+    monkeypatch.setattr(module, "evaluate", spy_evaluate)
+    config = SparsifyConfig(gate_bias=2.0, batch_size=16, steps=20, eval_every=10, prune_at=0.0, decay_fraction=0.0,
+                            replay_size=replay_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsifyWarning)
+        sparsify(build_model(tiny_config), tiny_split, config, progress=False)  # untrained: many wrong answers
+    task = tiny_split.task
+    assert [len(b) for b in batches[:10]] == [16] * 10  # nothing evaluated yet
+    pairs, first = next((pairs, result) for pairs, kwargs, result in evaluations  # the first gated one of the training problems
+                        if "gate_bias" in kwargs and len(pairs) == len(tiny_split.train))
+    assert first.n_failures > replay_size  # more failures than the replay holds: it takes replay_size of them
+    assert [len(b) for b in batches[10:]] == [16 + replay_size] * 10
+    wrong_tokens = {tuple(task.batch([pairs[i]])[0][0].tolist()) for i in first.wrong.tolist()}
+    for batch in batches[10:]:
+        replayed = [tuple(row.tolist()) for row in batch[16:]]
+        assert len(set(replayed)) == replay_size and set(replayed) <= wrong_tokens

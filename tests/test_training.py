@@ -41,6 +41,9 @@ def test_evaluation_lists_failures_with_text(tiny_config, tiny_split):
                   for a, b in tiny_split.test]
     assert result.failures == [row for row in one_by_one if row[1] != row[2]] != []
     assert result.exact_match == sum(row[1] == row[2] for row in one_by_one) / len(one_by_one)
+    # every wrong answer's position in the pairs, across batches (sparsify replays these problems)
+    assert result.wrong.tolist() == [i for i, row in enumerate(one_by_one) if row[1] != row[2]]
+    assert len(result.wrong) == result.n_failures
     problem, predicted, expected = result.failures[0]
     assert len(predicted) == len(expected) == 2 and "+" in problem
     assert len(predict(model, tiny_split.task, "3+4")) == 2
