@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import ScalarFormatter
 import torch
 
 from .circuit_size import needed_for
@@ -170,5 +171,38 @@ def plot_size_curves(curves: dict[str, dict], level: float = 0.9, colours: dict[
             ax.set_xscale("log")
         ax.legend()
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_recipe_ablation(rows: list[dict], max_edges: float = 10.0, min_exact_match: float = 0.999):
+    """Edges per input and wrong answers per variant of the sparse recipe, one dot per seed, the
+    median as a bar and the range as a line; the bars every run must meet dashed. ``rows``: dicts
+    with ``variant``, ``seed``, ``edges_mean`` and ``exact_match`` (on all problems), ``n`` problems;
+    variants are drawn top to bottom in their first-seen order."""
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    n = rows[0]["n"]
+    fig, (ax_edges, ax_wrong) = plt.subplots(1, 2, figsize=(10, 0.45 * len(variants) + 1.6), sharey=True)
+    for y, variant in enumerate(variants):
+        mine = [row for row in rows if row["variant"] == variant]
+        for ax, values in ((ax_edges, [row["edges_mean"] for row in mine]),
+                           (ax_wrong, [round((1 - row["exact_match"]) * n) for row in mine])):
+            ordered = sorted(values)
+            ax.plot([ordered[0], ordered[-1]], [y, y], color="tab:gray", lw=1, zorder=1)
+            ax.scatter(values, [y] * len(values), s=18, color="tab:blue", alpha=0.7, zorder=2)
+            ax.scatter([ordered[len(ordered) // 2]], [y], marker="|", s=300, color="black", zorder=3)
+    ax_edges.axvline(max_edges, color="tab:red", ls="--", lw=1)
+    ax_edges.set(xscale="log", xlabel="open edges per input (all problems)", yticks=range(len(variants)),
+                 yticklabels=variants, title=f"circuit size (dashed: the bar, {max_edges:g})")
+    ax_edges.xaxis.set_major_formatter(ScalarFormatter())
+    ax_edges.xaxis.set_minor_formatter(ScalarFormatter())
+    ax_wrong.axvline((1 - min_exact_match) * n, color="tab:red", ls="--", lw=1)
+    ax_wrong.set(xscale="symlog", xlabel=f"problems answered wrong (of {n:,})",
+                 title=f"accuracy (dashed: the bar, {min_exact_match:.1%} right)")
+    ax_wrong.set_xlim(left=0)
+    ax_edges.invert_yaxis()  # shared: the first variant on top in both panels
+    for ax in (ax_edges, ax_wrong):
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle("Each part of the recipe switched off in turn (dots: seeds; black tick: median; line: range)")
     fig.tight_layout()
     return fig

@@ -54,7 +54,8 @@ class SparsifyConfig:
     above the 99.9% bar every run must meet on all problems: a state chosen at exactly 99.9%
     on the training split was 99.89% on all 10,000 once the held-out problems were counted. The multiplier starts at ``multiplier_init``; each step
     ``log(lambda) += multiplier_lr * clip(ema / tau, -1, 1)``, where ``ema`` is the moving
-    average (weight ``constraint_ema`` on the past) of CE - tau.
+    average (weight ``constraint_ema`` on the past) of CE - tau; ``multiplier_lr=0`` keeps it
+    fixed at ``multiplier_init`` (a plain penalty weight, no constraint).
 
     The optimiser is AdamW with ``weight_decay``. Without decay the logits of the gates the
     model uses grow large (a larger q.k both sharpens the softmax and protects the gate from
@@ -145,8 +146,9 @@ class SparsifyConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
-        if self.early_slack < 0 or self.slack < 0 or self.final_slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr <= 0:
-            raise ValueError(f"need early_slack, slack, final_slack >= 0, 0 <= constraint_ema < 1, multiplier_lr > 0: {self}")
+        if self.early_slack < 0 or self.slack < 0 or self.final_slack < 0 or not 0 <= self.constraint_ema < 1 or self.multiplier_lr < 0:
+            raise ValueError(f"need early_slack, slack, final_slack >= 0, 0 <= constraint_ema < 1, multiplier_lr >= 0 "
+                             f"(0: a fixed penalty weight, multiplier_init): {self}")
         if not 0 < self.multiplier_min <= self.multiplier_init <= self.multiplier_max:
             raise ValueError(f"need 0 < multiplier_min <= multiplier_init <= multiplier_max: {self}")
 
