@@ -25,7 +25,7 @@ import torch
 
 from .files import write_atomically
 from .model import ModelConfig, build_model, config_of
-from .sparse_attention import gate_bias_of
+from .sparse_attention import gate_bias_of, unusable_tensor
 
 CHECKPOINT_FORMAT = "sparsecirc.checkpoint/2"  # /2 added the config digest
 
@@ -51,20 +51,27 @@ def config_digest(config: ModelConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def check_plain_data(value, where: str) -> None:
+MAX_NESTING = 100  # levels of lists and dicts in metrics and extras (a run's history is 3)
+
+
+def check_plain_data(value, where: str, _outer: tuple = ()) -> None:
     """Raise ``ValueError`` unless ``value`` is plain data a checkpoint can hold and read back:
-    str, int, float, bool, None, or lists/tuples and str-keyed dicts of them."""
+    str, int, float, bool, None, or lists/tuples and str-keyed dicts of them, at most
+    ``MAX_NESTING`` levels deep and holding no container inside itself."""
     if value is None or type(value) in (str, bool, int, float):  # exact types: a numpy float64 is a float too
         return
-    if type(value) in (list, tuple):
-        for i, item in enumerate(value):
-            check_plain_data(item, f"{where}[{i}]")
-        return
-    if type(value) is dict:
-        for key, item in value.items():
-            if type(key) is not str:
+    if type(value) in (list, tuple, dict):
+        if any(value is outer for outer in _outer):
+            raise ValueError(f"{where[:80]} refers back to a list or dict it is part of (a cycle); a checkpoint holds "
+                             f"only trees of plain data")
+        if len(_outer) == MAX_NESTING:
+            raise ValueError(f"{where.split('[')[0]} is nested more than {MAX_NESTING} levels deep; a checkpoint holds "
+                             f"plain data at most {MAX_NESTING} levels of lists and dicts deep")
+        items = value.items() if type(value) is dict else enumerate(value)
+        for key, item in items:
+            if type(value) is dict and type(key) is not str:
                 raise ValueError(f"{where} has a non-str key {key!r}; checkpoint metrics and extras need str keys")
-            check_plain_data(item, f"{where}[{key!r}]")
+            check_plain_data(item, f"{where}[{key!r}]", _outer + (value,))
         return
     raise ValueError(f"{where} is a {type(value).__name__}; a checkpoint holds only str, int, float, bool, None "
                      f"and lists or dicts of them (convert it first, e.g. float(x), x.tolist(), str(path))")
@@ -110,8 +117,8 @@ def save_checkpoint(path, model, config: ModelConfig | None = None, metrics: dic
     if gate_bias_of(model) != config.gate_bias:
         raise ValueError(f"the model's own gate bias is {gate_bias_of(model)} but the config says {config.gate_bias}; "
                          f"save a sparse model with its sparse config (config.sparse(gate_bias)), a dense one with a dense config")
+    check_weights(model.state_dict(), config)  # before copying: a meta or sparse weight cannot be copied to the CPU
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    check_weights(state_dict, config)
     record = {
         "format": CHECKPOINT_FORMAT,
         "kind": kind,
@@ -190,12 +197,22 @@ def _expected_weights(config: ModelConfig) -> dict:
 
 
 def check_weights(state_dict: dict, config: ModelConfig, source: str = "state dict") -> None:
-    """Raise ``ValueError`` unless ``state_dict`` has exactly the weights of ``config``: the same
-    names and shapes, finite floating-point tensors."""
+    """Raise ``ValueError`` unless ``state_dict`` has exactly the weights of ``config``: str
+    names; dense tensors on a real device (not sparse, not ``meta``), checked before any value;
+    the same names and shapes; finite floating-point values."""
     expected = _expected_weights(config)
+    not_names = [name for name in state_dict if type(name) is not str]
+    if not_names:
+        raise ValueError(f"{source}: weight names {not_names[:5]!r} are not str; weights are named by str, "
+                         f"e.g. 'embed.weight'")
     not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ValueError(f"{source}: weights {not_tensors[:5]} are not tensors")
+    unusable = [(k, unusable_tensor(v)) for k, v in state_dict.items() if unusable_tensor(v)]
+    if unusable:
+        (name, why), more = unusable[0], f" (and {len(unusable) - 1} more weights)" if len(unusable) > 1 else ""
+        raise ValueError(f"{source}: weight {name!r} is {why}{more}; weights must be dense (strided) tensors on a "
+                         f"real device such as the CPU")
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:

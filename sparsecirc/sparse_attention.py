@@ -375,6 +375,14 @@ def set_gate_bias(model, gate_bias: float | None) -> None:
     gating.set_gate_bias(gate_bias)
 
 
+def unusable_tensor(tensor: torch.Tensor) -> str | None:
+    """What keeps ``tensor`` from being read as plain values, or ``None``: a sparse, nested or
+    ``meta`` tensor (the last holds no values at all). A dense tensor on any real device is fine."""
+    if tensor.is_nested or tensor.layout != torch.strided:
+        return "nested" if tensor.is_nested else f"sparse ({str(tensor.layout).removeprefix('torch.')})"
+    return "on the meta device (it holds no values)" if tensor.is_meta else None
+
+
 def check_edge_mask(model, edge_mask: torch.Tensor) -> None:
     """Raise ``ValueError`` unless ``edge_mask`` is a ``[layer, head, query, key]`` (optionally
     ``[batch, ...]``) tensor of 0s and 1s for ``model``."""
@@ -382,6 +390,9 @@ def check_edge_mask(model, edge_mask: torch.Tensor) -> None:
     expected_tail = (n_layers, n_heads, n_ctx, n_ctx)
     if not isinstance(edge_mask, torch.Tensor):
         raise ValueError(f"edge_mask must be a tensor, got {type(edge_mask).__name__}")
+    if unusable_tensor(edge_mask):
+        raise ValueError(f"edge_mask is {unusable_tensor(edge_mask)}; it must be a dense tensor of 0s and 1s on a "
+                         f"real device (build it with mask_closing or mask_keeping)")
     if edge_mask.ndim not in (4, 5) or tuple(edge_mask.shape[-4:]) != expected_tail:
         raise ValueError(f"edge_mask must have shape [layer, head, query, key] = {list(expected_tail)} "
                          f"(optionally with a leading batch dim), got {list(edge_mask.shape)}")

@@ -115,6 +115,48 @@ def test_an_incomplete_record_is_refused(tmp_path, tiny_config, drop):
         read_checkpoint(tmp_path / "bad.pt")
 
 
+@pytest.mark.parametrize("tamper, message", [
+    (lambda w: w.update({"embed.weight": w["embed.weight"].to("meta")}), "'embed.weight' is on the meta device"),
+    (lambda w: w.update({"embed.weight": w["embed.weight"].to_sparse()}), "'embed.weight' is sparse \\(sparse_coo\\)"),
+    (lambda w: w.update({"embed.weight": w["embed.weight"].to_sparse_csr()}), "'embed.weight' is sparse \\(sparse_csr\\)"),
+    (lambda w: w.update({7: w["embed.weight"], "x": w["embed.weight"]}), "weight names \\[7\\] are not str"),
+])
+def test_tampered_weights_are_refused_by_name_before_any_value_check(tmp_path, tiny_config, tamper, message):
+    record = torch.load(save_checkpoint(tmp_path / "m.pt", build_model(tiny_config)), weights_only=True)
+    tamper(record["state_dict"])
+    torch.save(record, tmp_path / "tampered.pt")
+    with pytest.raises(ValueError, match=message):
+        read_checkpoint(tmp_path / "tampered.pt")
+
+
+def test_a_model_on_the_meta_device_is_refused_before_it_is_copied(tmp_path, tiny_config):
+    with pytest.raises(ValueError, match="is on the meta device \\(it holds no values\\) \\(and .* more weights\\)"):
+        save_checkpoint(tmp_path / "m.pt", build_model(tiny_config).to("meta"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _holding_itself(kind):
+    value = {} if kind is dict else []
+    value.update(me=value) if kind is dict else value.append(value)
+    return value
+
+
+@pytest.mark.parametrize("metrics, message", [({"x": _nested(5000)}, "metrics is nested more than 100 levels deep"),
+                                              ({"x": _holding_itself(dict)}, "metrics\\['x'\\]\\['me'\\] refers back"),
+                                              ({"x": [1, _holding_itself(list)]}, "metrics\\['x'\\]\\[1\\]\\[0\\] refers back")])
+def test_metrics_nested_too_deep_or_holding_themselves_are_refused(tmp_path, tiny_config, metrics, message):
+    with pytest.raises(ValueError, match=message):
+        save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), metrics=metrics)
+    save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), metrics={"x": _nested(98)})  # 100 levels with metrics itself
+
+
 def test_a_refused_save_leaves_the_old_file_and_a_users_own_files_alone(tmp_path, tiny_config):
     # every kind of unreadable metrics is tried in test_properties; this is what is left around the refusal
     model = build_model(tiny_config)

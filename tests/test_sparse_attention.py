@@ -134,6 +134,12 @@ def test_bad_arguments_raise_clear_errors(kind, tiny_config, temporary_hook_coun
     with pytest.raises(ValueError, match="edge_mask must have shape"):
         with sparse_attention(model, edge_mask=torch.ones(3, 3)):
             pass
+    full = torch.ones(tiny_config.n_layers, tiny_config.n_heads, tiny_config.task.seq_len, tiny_config.task.seq_len)
+    for mask, message in [(full.to("meta"), "edge_mask is on the meta device"),
+                          (full.to_sparse(), "edge_mask is sparse \\(sparse_coo\\)")]:
+        with pytest.raises(ValueError, match=message):
+            with analysis_run(model, edge_mask=mask):
+                pass
     for bad, message in [(Edge(5, 0, 1, 0), "layer must be in 0..1"), (Edge(0, 9, 1, 0), "head must be in 0..1"),
                          (Edge(0, 0, 1, 3), "not a causal edge"), (Edge(0, 0, 40, 0), "positions must be in")]:
         with pytest.raises(ValueError, match=message):
