@@ -85,6 +85,18 @@ class ExplorerView:
                              suptitle=f"{self.problem} = {self.true_answer}")
 
 
+def check_closed(closed) -> tuple[Edge, ...]:
+    """``closed`` as sorted ``Edge``s, checked: a list (tuple, set) of ``Edge``s or ``(layer,
+    head, query, key)`` tuples of ints."""
+    allowed = "a list of edges, Edge(layer, head, query, key) or 4-tuples of ints"
+    if not isinstance(closed, (list, tuple, set, frozenset)):
+        raise ValueError(f"closed must be {allowed}; got {type(closed).__name__} {closed!r:.40}")
+    for edge in closed:
+        if not isinstance(edge, Edge) and not (isinstance(edge, (tuple, list)) and len(edge) == 4):
+            raise ValueError(f"closed must be {allowed}; it holds {edge!r}")
+    return tuple(sorted({edge if isinstance(edge, Edge) else Edge(*edge) for edge in closed}))
+
+
 def explore(dense, sparse, task: AdditionTask, problem: str, closed=()) -> ExplorerView:
     """The view of ``problem`` (e.g. ``"36+28"``) through the dense model and through the sparse
     one with its own gates, the edges ``closed`` (``Edge``s open on this problem) shut.
@@ -92,6 +104,7 @@ def explore(dense, sparse, task: AdditionTask, problem: str, closed=()) -> Explo
     Raises ``ValueError`` for a problem the task does not accept, a ``dense`` model that has
     gates, a ``sparse`` one that has none, or a closed edge that is not open on this problem.
     """
+    closed = check_closed(closed)
     check_task(dense, task)
     check_task(sparse, task)
     if gate_bias_of(dense) is not None:
@@ -101,7 +114,6 @@ def explore(dense, sparse, task: AdditionTask, problem: str, closed=()) -> Explo
     a, b = task.parse(problem)
     intact = circuit_graph(sparse, task, problem)
     open_edges = tuple(sorted(graph_edges(intact)))
-    closed = tuple(sorted({edge if isinstance(edge, Edge) else Edge(*edge) for edge in closed}))
     not_open = [edge for edge in closed if edge not in open_edges]
     if not_open:
         raise ValueError(f"can only close edges open on {problem}: {not_open} are not; open are {list(open_edges)}")
@@ -125,6 +137,10 @@ class Explorer:
     def __init__(self, dense, sparse, task: AdditionTask, problem: str = "36+28"):
         import ipywidgets as widgets
 
+        if not isinstance(problem, str):
+            raise ValueError(f"problem must be a string like '36+28', got {type(problem).__name__} {problem!r}")
+        check_task(dense, task)
+        check_task(sparse, task)
         self.dense, self.sparse, self.task = dense, sparse, task
         self.labels = task.position_labels
         self.view: ExplorerView | None = None

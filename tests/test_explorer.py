@@ -65,6 +65,21 @@ def test_explorer_reports_bad_input_instead_of_failing(shipped):
         explore(base, base, task, "36+28")
 
 
+@pytest.mark.parametrize("closed, message", [([(0, 0, 1)], "it holds \\(0, 0, 1\\)"), (5, "got int 5"),
+                                             ("ab", "got str 'ab'"), ([Edge(0, 0, 1, 0), "xyzw"], "it holds 'xyzw'")])
+def test_explore_refuses_closed_edges_that_are_not_a_list_of_edges(shipped, closed, message):
+    with pytest.raises(ValueError, match=f"closed must be a list of edges, Edge\\(layer, head, query, key\\) or "
+                                         f"4-tuples of ints; {message}"):
+        explore(*shipped, "36+28", closed=closed)
+
+
+def test_explorer_refuses_a_problem_that_is_not_a_string(shipped):
+    with pytest.raises(ValueError, match="problem must be a string like '36\\+28', got int 3628"):
+        Explorer(*shipped, 3628)
+    with pytest.raises(ValueError, match="task must be an AdditionTask, got NoneType"):
+        Explorer(*shipped[:2], None)
+
+
 def test_graph_edges_lists_every_head(shipped):
     base, sparse, task = shipped
     view = explore(base, sparse, task, "99+99")
