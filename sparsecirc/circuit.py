@@ -82,6 +82,20 @@ def circuit_graph(model, task: AdditionTask, problem: str, *, gate_bias: float |
                                gated=gates.mode != "dense")
 
 
+GRAPH_ATTRIBUTES = ("n_layers", "seq_len", "answer_positions")
+
+
+def check_graph(graph) -> nx.DiGraph:
+    """``graph``, or ``ValueError`` unless it is a circuit graph (from :func:`circuit_graph` or
+    :func:`frequency_graph`: a ``DiGraph`` with the graph attributes ``GRAPH_ATTRIBUTES``)."""
+    if not isinstance(graph, nx.DiGraph) or any(key not in graph.graph for key in GRAPH_ATTRIBUTES):
+        got = f"a DiGraph with graph attributes {sorted(graph.graph)}" if isinstance(graph, nx.DiGraph) else \
+            f"a {type(graph).__name__}"
+        raise ValueError(f"expected a circuit graph from circuit_graph or frequency_graph (a DiGraph with graph "
+                         f"attributes {list(GRAPH_ATTRIBUTES)}), got {got}")
+    return graph
+
+
 def attention_edges(graph: nx.DiGraph) -> list[tuple]:
     """The edges that carry attention (any head), with their data: ``[(source, target, data)]``."""
     return [(u, v, d) for u, v, d in graph.edges(data=True) if d["heads"]]
@@ -98,6 +112,7 @@ def check_positions(graph: nx.DiGraph, positions) -> list[int]:
 def prune_to_answers(graph: nx.DiGraph, positions=None) -> nx.DiGraph:
     """The part of ``graph`` from which the top-level nodes at ``positions`` (default: the answer
     slots) can be reached: backward reachability through attention and residual edges."""
+    check_graph(graph)
     positions = check_positions(graph, graph.graph["answer_positions"] if positions is None else positions)
     top = graph.graph["n_layers"]
     targets = {(top, p) for p in positions}
@@ -110,9 +125,10 @@ def prune_to_answers(graph: nx.DiGraph, positions=None) -> nx.DiGraph:
 def restrict_to_digit(graph: nx.DiGraph, digit: int) -> nx.DiGraph:
     """The subcircuit of one answer digit: ``digit`` counts answer slots from the most
     significant (0) to the units (``answer_digits - 1``)."""
-    slots = graph.graph["answer_positions"]
-    if not 0 <= digit < len(slots):
-        raise ValueError(f"digit must be in 0..{len(slots) - 1} (answer slots, most significant first), got {digit}")
+    slots = check_graph(graph).graph["answer_positions"]
+    if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit < len(slots):
+        raise ValueError(f"digit must be an int in 0..{len(slots) - 1} (answer slots, most significant first), got "
+                         f"{digit!r} ({type(digit).__name__})")
     return prune_to_answers(graph, [slots[digit]])
 
 
@@ -160,7 +176,11 @@ def frequency_graph(frequency: torch.Tensor, task: AdditionTask, min_frequency: 
 
 def describe_edges(graph: nx.DiGraph, labels: list[str] | None = None) -> list[str]:
     """One line per attention edge, bottom layer first: ``"layer 0 head 2: = (5) <- a1 (1)  0.93"``."""
-    labels = labels or [str(p) for p in range(graph.graph["seq_len"])]
+    seq_len = check_graph(graph).graph["seq_len"]
+    labels = [str(p) for p in range(seq_len)] if labels is None else labels
+    if isinstance(labels, str) or not hasattr(labels, "__len__") or len(labels) != seq_len:
+        raise ValueError(f"labels must be a list of {seq_len} position names, one per position (e.g. "
+                         f"task.position_labels), got {labels!r:.80}")
     lines = []
     for (level, key), (_, query), data in sorted(attention_edges(graph), key=lambda e: (e[0][0], e[1][1], e[0][1])):
         for head, weight in sorted(data["heads"].items()):

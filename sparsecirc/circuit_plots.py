@@ -20,7 +20,7 @@ import torch
 from matplotlib.patches import PathPatch
 from matplotlib.path import Path as CurvePath
 
-from .circuit import attention_edges, level_name
+from .circuit import attention_edges, check_graph, level_name
 from .files import write_atomically
 from .plots import plot_head_grid
 
@@ -70,7 +70,7 @@ def plot_circuit(graph: nx.DiGraph, ax=None, color_by: str = "weight", title: st
     """
     if color_by not in ("weight", "head"):
         raise ValueError(f"color_by must be 'weight' or 'head', got {color_by!r}")
-    n_layers, seq_len = graph.graph["n_layers"], graph.graph["seq_len"]
+    n_layers, seq_len = check_graph(graph).graph["n_layers"], graph.graph["seq_len"]
     if ax is None:
         _, ax = plt.subplots(figsize=(0.75 * seq_len + 1.5, 0.9 * n_layers + 1.6))
     for (level, position), (_, target), data in graph.edges(data=True):
@@ -115,10 +115,10 @@ def plot_circuits(graphs: dict[str, nx.DiGraph], color_by: str = "weight", posit
     Sparse, as in the paper's Figure 1). Returns the figure."""
     if not graphs:
         raise ValueError("need at least one graph to plot")
-    first = next(iter(graphs.values()))
+    first = check_graph(next(iter(graphs.values())))
     n_layers, seq_len = first.graph["n_layers"], first.graph["seq_len"]
     for name, graph in graphs.items():
-        if (graph.graph["n_layers"], graph.graph["seq_len"]) != (n_layers, seq_len):
+        if (check_graph(graph).graph["n_layers"], graph.graph["seq_len"]) != (n_layers, seq_len):
             raise ValueError(f"graph {name!r} has another layout than the first; panels must share one")
     width = 0.75 * seq_len + (2.6 if color_by == "head" else 1.5)
     fig, axes = plt.subplots(len(graphs), 1, figsize=(width, (0.9 * n_layers + 1.6) * len(graphs)), squeeze=False)
@@ -141,7 +141,7 @@ def plot_figure1(rows: dict[str, dict[str, nx.DiGraph]], color_by: str = "weight
     for name, graphs in rows.items():
         if list(graphs) != problems:
             raise ValueError(f"row {name!r} has problems {list(graphs)}, the first row {problems}: they must match")
-    layouts = {(g.graph["n_layers"], g.graph["seq_len"]) for graphs in rows.values() for g in graphs.values()}
+    layouts = {(check_graph(g).graph["n_layers"], g.graph["seq_len"]) for graphs in rows.values() for g in graphs.values()}
     if len(layouts) != 1:
         raise ValueError(f"all graphs must share one layout (layers, positions), got {sorted(layouts)}")
     n_layers, seq_len = layouts.pop()

@@ -76,10 +76,28 @@ def plot_attention_patterns(patterns: torch.Tensor, task: AdditionTask, problem:
     return fig
 
 
+STEP_KEYS = ("step", "ce", "tau", "constraint_ema", "multiplier", "expected_edges", "lr")  # every row of sparsify's
+EVALUATION_KEYS = ("test_edges", "test_exact_match")  # the rows where it evaluated
+
+
+def check_sparsify_history(history) -> None:
+    """Raise ``ValueError`` unless ``history`` is a list of rows as :func:`sparsify` returns it:
+    every row with ``STEP_KEYS``, at least one evaluation row with ``EVALUATION_KEYS``."""
+    if not isinstance(history, list) or not history or not all(isinstance(row, dict) for row in history):
+        raise ValueError(f"history must be the non-empty list of dicts sparsify returns, got {history!r:.80}")
+    missing = [key for key in STEP_KEYS if any(key not in row for row in history)]
+    if missing:
+        raise ValueError(f"history rows lack {missing}; pass the history sparsify returns")
+    if not any(all(key in row for key in EVALUATION_KEYS) for row in history):
+        raise ValueError(f"history has no evaluation rows (with {list(EVALUATION_KEYS)}) to draw; pass the history "
+                         f"of a sparsify run that evaluated (every eval_every steps and at the end)")
+
+
 def plot_sparsify_history(history: list[dict], title: str = "Sparse attention post-training"):
     """Four panels against steps: CE and its target tau, the multiplier, open edges per input
     (log scale, with the steps where duplicate edges were closed), and held-out exact match
     with deterministic gates."""
+    check_sparsify_history(history)
     steps = [row["step"] for row in history]
     evals = [row for row in history if "test_edges" in row]
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
@@ -121,6 +139,11 @@ def plot_sparsify_history(history: list[dict], title: str = "Sparse attention po
 
 def plot_edges_per_layer(per_layer: dict[str, list[float]], title: str = "Open edges per input, by layer"):
     """Grouped bars: ``{label: [mean open edges in layer 0, 1, ...]}``, log scale."""
+    lengths = [len(v) if hasattr(v, "__len__") and not isinstance(v, str) else 0 for v in per_layer.values()] \
+        if isinstance(per_layer, dict) else []
+    if not lengths or min(lengths) == 0 or len(set(lengths)) > 1:
+        raise ValueError(f"per_layer must be a non-empty dict {{label: [mean open edges in layer 0, 1, ...]}} of lists "
+                         f"all equally long, one number per layer; got {per_layer!r:.80}")
     labels = list(per_layer)
     n_layers = len(next(iter(per_layer.values())))
     width = 0.8 / len(labels)

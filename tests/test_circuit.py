@@ -8,7 +8,7 @@ import torch
 
 from sparsecirc.circuit import (attention_edges, build_circuit_graph, circuit_graph, describe_edges, edge_frequency,
                                 frequency_graph, prune_to_answers, restrict_to_digit)
-from sparsecirc.circuit_plots import plot_circuits, plot_edge_frequency, save_figure
+from sparsecirc.circuit_plots import plot_circuit, plot_circuits, plot_edge_frequency, save_figure
 from sparsecirc.gates import causal_mask
 from sparsecirc.model import build_model
 from sparsecirc.plots import attention_patterns
@@ -61,8 +61,15 @@ def test_pruning_keeps_exactly_what_reaches_the_answer():
 def test_bad_graph_inputs_are_refused(tiny_config, tiny_split):
     task, model = tiny_split.task, build_model(tiny_config)
     graph = circuit_graph(model, task, "3+4")
-    with pytest.raises(ValueError, match="digit must be in 0..1"):
-        restrict_to_digit(graph, 2)
+    for digit, kind in [(2, "int"), (1.5, "float"), (True, "bool"), ("1", "str")]:
+        with pytest.raises(ValueError, match=f"digit must be an int in 0..1 .*, got .* \\({kind}\\)"):
+            restrict_to_digit(graph, digit)
+    with pytest.raises(ValueError, match="labels must be a list of 6 position names"):
+        describe_edges(graph, ["x"])
+    for call in (plot_circuit, lambda g: plot_circuits({"one": g}), prune_to_answers, lambda g: restrict_to_digit(g, 0),
+                 describe_edges):
+        with pytest.raises(ValueError, match="expected a circuit graph from circuit_graph or frequency_graph"):
+            call(nx.DiGraph())
     with pytest.raises(ValueError, match="positions must be"):
         prune_to_answers(graph, [6])
     with pytest.raises(ValueError):

@@ -2,6 +2,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt
+import pytest
 import torch
 
 from sparsecirc.model import build_model
@@ -42,3 +44,23 @@ def test_head_grid_names_every_tick_and_has_a_colour_bar():
     assert [t.get_text() for t in axes[0, 0].get_yticklabels()] == labels
     with pytest.raises(ValueError, match="one label per position"):
         plot_head_grid(values, labels[:3], "title", "weight")
+
+
+_STEP = {"step": 0, "ce": 1.0, "tau": 1.0, "constraint_ema": 0.0, "multiplier": 1.0, "expected_edges": 5.0, "lr": 1e-3}
+
+
+@pytest.mark.parametrize("draw, message", [
+    (lambda: plot_sparsify_history([]), "non-empty list of dicts sparsify returns, got \\[\\]"),
+    (lambda: plot_sparsify_history("history"), "non-empty list of dicts sparsify returns"),
+    (lambda: plot_sparsify_history([{"step": 0}]), "history rows lack \\['ce', 'tau'"),
+    (lambda: plot_sparsify_history([_STEP, {**_STEP, "step": 1}]), "history has no evaluation rows"),
+    (lambda: plot_edges_per_layer({}), "per_layer must be a non-empty dict"),
+    (lambda: plot_edges_per_layer({"a": []}), "per_layer must be a non-empty dict"),
+    (lambda: plot_edges_per_layer({"a": [1.0, 2.0], "b": [1.0]}), "all equally long"),
+    (lambda: plot_edges_per_layer([1.0, 2.0]), "per_layer must be a non-empty dict"),
+])
+def test_plots_refuse_what_they_cannot_draw(draw, message):
+    figures = plt.get_fignums()
+    with pytest.raises(ValueError, match=message):
+        draw()
+    assert plt.get_fignums() == figures  # refused before a figure was made
