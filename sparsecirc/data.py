@@ -123,7 +123,11 @@ class AdditionTask:
 
     def check_operands(self, a: int, b: int) -> None:
         for x in (a, b):
-            if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= self.max_operand:
+            if not isinstance(x, int) or isinstance(x, bool):
+                kind = f"{type(x).__module__}.{type(x).__qualname__}".removeprefix("builtins.")
+                raise ValueError(f"operand {x!r} is a {kind}; operands must be Python ints in 0..{self.max_operand} "
+                                 f"(convert with int(x), or array.tolist())")
+            if not 0 <= x <= self.max_operand:
                 raise ValueError(
                     f"operand {x!r} is outside 0..{self.max_operand} for this task ({self.name})"
                 )

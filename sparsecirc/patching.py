@@ -82,8 +82,10 @@ def corrupt_one_digit(task: AdditionTask, a: int, b: int, rng: random.Random) ->
 
 def make_pairs(task: AdditionTask, n: int, seed: int = 0) -> PatchingPairs:
     """``n`` pairs, half whose corruption flips a carry and half whose does not (seeded)."""
-    if n < 2 or n % 2:
-        raise ValueError(f"n must be an even number >= 2 (half carry-flipping, half not), got {n}")
+    if not isinstance(task, AdditionTask):
+        raise ValueError(f"task must be an AdditionTask, got {type(task).__name__}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
+        raise ValueError(f"n must be an even int >= 2 (half carry-flipping, half not), got {n!r} ({type(n).__name__})")
     rng = random.Random(seed)
     wanted = {True: n // 2, False: n // 2}
     rows = []
@@ -105,6 +107,13 @@ def logit_difference(answer_logits: torch.Tensor, clean_targets: torch.Tensor,
     ``answer_logits [batch, answer_digits, vocab]``, targets ``[batch, answer_digits]``; the
     batch may be a whole number of copies of the pairs (variants x pairs). Returns ``[batch]``.
     """
+    if clean_targets.ndim != 2 or clean_targets.shape != corrupted_targets.shape or len(clean_targets) == 0:
+        raise ValueError(f"clean and corrupted targets must both be [pairs, answer_digits] with at least one pair, got "
+                         f"shapes {list(clean_targets.shape)} and {list(corrupted_targets.shape)}")
+    if answer_logits.ndim != 3 or len(answer_logits) == 0 or len(answer_logits) % len(clean_targets) \
+            or answer_logits.shape[1] != clean_targets.shape[1]:
+        raise ValueError(f"answer_logits must be [batch, answer_digits, vocab] with the batch a whole number of copies "
+                         f"of the {len(clean_targets)} pairs, got shape {list(answer_logits.shape)}")
     copies = answer_logits.shape[0] // clean_targets.shape[0]
     clean_targets, corrupted_targets = clean_targets.repeat(copies, 1), corrupted_targets.repeat(copies, 1)
     differs = (clean_targets != corrupted_targets).float()

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +68,10 @@ def test_operands_out_of_range_and_non_strings():
         TASK.encode(-1, 1)
     with pytest.raises(ValueError, match="string"):
         TASK.parse(36)
+    for bad, kind in [(np.int64(3), "numpy.int64"), (np.int32(3), "numpy.int32"), (3.0, "float"), (True, "bool")]:
+        for call in (lambda: TASK.encode(bad, 1), lambda: TASK.batch([(1, bad)]), lambda: TASK.check_pairs([[bad, 1]])):
+            with pytest.raises(ValueError, match=f"is a {kind}; operands must be Python ints in 0..99"):
+                call()
 
 
 def test_bad_token_sequences():

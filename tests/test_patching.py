@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -25,8 +26,11 @@ def test_pairs_are_balanced_one_digit_corruptions():
         assert sum(changed) == 1
         assert flips == (task.carries(a, b) != task.carries(a2, b2))
     assert make_pairs(task, 40, seed=3) == pairs
-    with pytest.raises(ValueError, match="even"):
-        make_pairs(task, 7)
+    for n, kind in [(7, "int"), ("4", "str"), (4.0, "float"), (True, "bool")]:
+        with pytest.raises(ValueError, match=f"n must be an even int >= 2 .*, got .* \\({kind}\\)"):
+            make_pairs(task, n)
+    with pytest.raises(ValueError, match="task must be an AdditionTask"):
+        make_pairs("add_d2_a5", 4)
 
 
 def test_logit_difference_by_hand():
@@ -37,6 +41,11 @@ def test_logit_difference_by_hand():
     assert logit_difference(logits, clean, corrupted).tolist() == [3.0]
     with pytest.raises(ValueError, match="at least one answer digit"):
         logit_difference(logits, clean, clean)
+    no_pairs = torch.zeros(0, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="targets must both be \\[pairs, answer_digits\\] with at least one pair"):
+        logit_difference(logits[:0], no_pairs, no_pairs)
+    with pytest.raises(ValueError, match="a whole number of copies of the 1 pairs, got shape \\[0, 3, 13\\]"):
+        logit_difference(logits[:0], clean, corrupted)
 
 
 @pytest.mark.parametrize("gate_bias", [None, 0.5])
@@ -158,6 +167,8 @@ def test_patching_pairs_refuse_lists_of_different_lengths_and_same_sum_pairs():
         PatchingPairs(task, ((5, 6),), ((5, 6),), (False,))
     with pytest.raises(ValueError, match="0..99"):
         PatchingPairs(task, ((100, 2),), ((1, 3),), (False,))
+    with pytest.raises(ValueError, match="operand np.int64\\(5\\) is a numpy.int64; operands must be Python ints"):
+        PatchingPairs(task, ((np.int64(5), 2),), ((1, 3),), (False,))
     with pytest.raises(ValueError, match="True or False"):
         PatchingPairs(task, ((1, 2),), ((1, 3),), (1,))
     pairs = PatchingPairs(task, [[1, 2]], [(1, 3)], [False])
