@@ -23,6 +23,29 @@ from .sparsify import SparsifyConfig, SparsifyWarning, sparsify
 from .training import TrainConfig, train
 
 
+EXIT_BAD_INPUT, EXIT_MISSED_BAR = 2, 3  # with 0 (done) and 1 (a bug), documented in the README ("Command line")
+
+
+class UsageError(Exception):
+    """A command line argparse refuses (a missing or unknown flag, a value of the wrong type)."""
+
+    def __init__(self, message: str, usage: str):
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print and exit; main reports it like any other error
+        raise UsageError(f"{self.prog}: {message}", self.format_usage())
+
+
+def _report(message: str, kind: str, as_json: bool) -> None:
+    """An error as one line on stderr and, with ``--json``, as ``{"error", "kind"}`` on stdout."""
+    print(f"error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message, "kind": kind}))
+
+
 def _json_safe(value):
     """``value`` with NaN and infinite floats as ``None``: JSON has no NaN."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -60,7 +83,8 @@ def cmd_data(args) -> dict:
     task = AdditionTask(args.operand_digits, args.answer_digits)
     split = make_split(task, args.test_size, args.seed)
     out = save_split(split, args.out)
-    return {"path": str(out), "task": task.name, "n_train": len(split.train), "n_test": len(split.test), "seed": args.seed}
+    return {"path": str(out), "task": task.name, "n_train": len(split.train), "n_test": len(split.test),
+            "seed": args.seed}
 
 
 def evaluation_metrics(model, split) -> dict:
@@ -93,10 +117,19 @@ def cmd_train(args) -> dict:
 
 
 def _load_matching(checkpoint_path, data_path):
+    """The checkpoint's model and the split to use with it: ``data_path``, or with none the
+    shipped split of the checkpoint's own task."""
     model, checkpoint = load_checkpoint(checkpoint_path)
+    task = checkpoint.config.task
+    if data_path is None:
+        if task.operand_digits not in paths.SHIPPED_OPERAND_DIGITS:
+            raise ValueError(f"{checkpoint_path} is for {task.name} and no split of it is shipped (only for "
+                             f"operand digits {paths.SHIPPED_OPERAND_DIGITS}); pass --data with a split of {task.name}")
+        data_path = paths.reference_dataset_path(task.operand_digits)
     split = load_split(data_path)
-    if split.task != checkpoint.config.task:
-        raise ValueError(f"checkpoint is for {checkpoint.config.task.name} but the data is {split.task.name}")
+    if split.task != task:
+        raise ValueError(f"checkpoint is for {task.name} but the data is {split.task.name}; pass --data with a split "
+                         f"of {task.name}")
     return model, checkpoint, split
 
 
@@ -143,7 +176,7 @@ def cmd_evaluate(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sparsecirc", description=__doc__)
+    parser = _Parser(prog="python -m sparsecirc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="generate every problem and a seeded train/test split (JSON)")
@@ -173,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sparsify", help="sparse attention post-training of a base checkpoint")
     p.add_argument("--base", default=str(paths.reference_base_checkpoint_path()), help="dense base checkpoint")
-    p.add_argument("--data", default=str(paths.reference_dataset_path()))
+    p.add_argument("--data", help="split JSON (default: the shipped split of the base checkpoint's task)")
     p.add_argument("--out", help="checkpoint path (default: a new folder under runs/cli_sparsify/)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     sparsify_defaults = SparsifyConfig()
@@ -203,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint (dense or sparse) on the held-out split and on all problems")
     p.add_argument("checkpoint")
-    p.add_argument("--data", default=str(paths.reference_dataset_path()))
+    p.add_argument("--data", help="split JSON (default: the shipped split of the checkpoint's task)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.set_defaults(run=cmd_evaluate)
     return parser
@@ -213,17 +246,38 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # unwinds: a half-written file's cleanup runs
 
 
+def _asks_for_json(argv) -> bool:
+    """Whether ``argv`` has ``--json`` (or an abbreviation argparse would take), parsed or not."""
+    return any(arg.startswith("--j") and "--json".startswith(arg) for arg in argv)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; the exit code is 0 (done), ``EXIT_BAD_INPUT`` (a usage error, refused
+    input or a file that cannot be read or written), ``EXIT_MISSED_BAR`` (``--strict`` and the
+    run missed its bar) or, for a bug, the traceback's 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(err.usage, end="", file=sys.stderr)
+        _report(str(err), "usage", _asks_for_json(argv))
+        return EXIT_BAD_INPUT
     on_main_thread = threading.current_thread() is threading.main_thread()  # signals are only set there
     previous = signal.getsignal(signal.SIGTERM)
     if on_main_thread:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         result = args.run(args)
-    except (ValueError, OSError) as err:  # OSError: FileExistsError, FileNotFoundError, PermissionError, ...
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:
+        _report(str(err), "input", args.json)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # FileExistsError, FileNotFoundError, PermissionError, a full disk, ...
+        _report(str(err), "file", args.json)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # a bug: the traceback follows, and a --json reader still gets an object
+        if args.json:
+            print(json.dumps({"error": f"{type(err).__name__}: {err}", "kind": "internal"}))
+        raise
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
@@ -231,5 +285,5 @@ def main(argv=None) -> int:
     for message in result.get("warnings", []):
         print(f"warning: {message}", file=sys.stderr)
     if result.get("warnings") and getattr(args, "strict", False):
-        return 3
+        return EXIT_MISSED_BAR
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsecirc import evaluate, load_checkpoint, load_split
+from sparsecirc import ModelConfig, build_model, evaluate, load_checkpoint, load_split, save_checkpoint
 from sparsecirc.cli import _print, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,60 @@ def test_cli_reports_task_mismatch(tmp_path, capsys):
     data = tmp_path / "d.json"
     main(["data", "--operand-digits", "1", "--answer-digits", "2", "--test-size", "20", "--out", str(data)])
     assert main(["evaluate", str(reference_base_checkpoint_path()), "--data", str(data)]) == 2
-    assert "add_d2_a5" in capsys.readouterr().err
+    assert "checkpoint is for add_d2_a5 but the data is add_d1_a2; pass --data with a split of add_d2_a5" \
+        in capsys.readouterr().err
+
+
+def _tiny_checkpoint(tmp_path, operand_digits: int) -> Path:
+    config = ModelConfig(operand_digits, 5, n_layers=1, n_heads=2, d_head=4, d_model=8, d_mlp=16)
+    return save_checkpoint(tmp_path / f"d{operand_digits}.pt", build_model(config))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sparsify"])
+def test_cli_without_data_uses_the_shipped_split_of_the_checkpoints_own_task(tmp_path, capsys, monkeypatch, command):
+    from sparsecirc import cli, paths
+
+    read = []
+
+    def stop_once_chosen(path):  # reading the 3-digit split and evaluating 10**6 problems is not the point here
+        read.append(Path(path))
+        raise ValueError("stopped")
+
+    monkeypatch.setattr(cli, "load_split", stop_once_chosen)
+    for digits in (2, 3, 4):
+        checkpoint = str(_tiny_checkpoint(tmp_path, digits))
+        assert main(["evaluate", checkpoint] if command == "evaluate" else ["sparsify", "--base", checkpoint]) == 2
+    assert read == [paths.reference_dataset_path(2), paths.reference_dataset_path(3)]
+    assert "d4.pt is for add_d4_a5 and no split of it is shipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, kind, message", [
+    (["train", "--lr", "abc"], "usage", "python -m sparsecirc train: argument --lr: invalid float value: 'abc'"),
+    (["evaluate"], "usage", "python -m sparsecirc evaluate: the following arguments are required: checkpoint"),
+    (["evaluate", "{tmp}/missing.pt"], "file", "no checkpoint at {tmp}/missing.pt"),
+    (["evaluate", "{d3}", "--data", "data/add_d2_a5.json"], "input",
+     "checkpoint is for add_d3_a5 but the data is add_d2_a5; pass --data with a split of add_d3_a5"),
+])
+def test_cli_errors_are_one_line_on_stderr_and_with_json_an_object_on_stdout(tmp_path, capsys, monkeypatch, args,
+                                                                           kind, message):
+    monkeypatch.chdir(ROOT)
+    fill = {"tmp": str(tmp_path), "d3": str(_tiny_checkpoint(tmp_path, 3))}
+    args, message = [a.format(**fill) for a in args], message.format(**fill)
+    assert main(args) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and f"error: {message}" in out.err.splitlines()
+    assert main(args + ["--json"]) == 2
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"error": message, "kind": kind} and f"error: {message}" in out.err.splitlines()
+
+
+def test_cli_bug_with_json_is_an_object_and_still_a_traceback(tmp_path, capsys, monkeypatch):
+    from sparsecirc import cli
+
+    monkeypatch.setattr(cli, "evaluation_metrics", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["evaluate", str(_tiny_checkpoint(tmp_path, 2)), "--json"])
+    assert json.loads(capsys.readouterr().out) == {"error": "ZeroDivisionError: division by zero", "kind": "internal"}
 
 
 def test_module_entry_point_runs():
