@@ -83,7 +83,7 @@ def cmd_data(args) -> dict:
     task = AdditionTask(args.operand_digits, args.answer_digits)
     split = make_split(task, args.test_size, args.seed)
     out = save_split(split, args.out)
-    return {"path": str(out), "task": task.name, "n_train": len(split.train), "n_test": len(split.test),
+    return {"path": paths.portable(out), "task": task.name, "n_train": len(split.train), "n_test": len(split.test),
             "seed": args.seed}
 
 
@@ -113,7 +113,7 @@ def cmd_train(args) -> dict:
     save_checkpoint(out, model, metrics=metrics, replace_hint="--force", extra={"train_config": train_config.to_dict(),
                                                         "history": history, "data_seed": split.seed},
                     overwrite=args.force)
-    return {"checkpoint": str(out), "config": config.name, **metrics}
+    return {"checkpoint": paths.portable(out), "config": config.name, **metrics}
 
 
 def _load_matching(checkpoint_path, data_path):
@@ -153,8 +153,8 @@ def cmd_sparsify(args) -> dict:
                    tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"],
                    warnings=history[-1]["warnings"] + all_problems_warning(metrics))
     save_checkpoint(out, model, metrics=metrics, overwrite=args.force, replace_hint="--force",
-                    extra={"sparsify_config": config.to_dict(), "history": history, "base": str(args.base)})
-    return {"checkpoint": str(out), "config": sparse_config.name, **metrics}
+                    extra={"sparsify_config": config.to_dict(), "history": history, "base": paths.portable(args.base)})
+    return {"checkpoint": paths.portable(out), "config": sparse_config.name, **metrics}
 
 
 ALL_PROBLEMS_BAR = 0.999  # every run must reach it on all problems (the selection bar is on the training sample)
@@ -171,7 +171,7 @@ def all_problems_warning(metrics: dict) -> list[str]:
 
 def cmd_evaluate(args) -> dict:
     model, checkpoint, split = _load_matching(args.checkpoint, args.data)
-    return {"checkpoint": str(args.checkpoint), "config": checkpoint.config.name, "kind": checkpoint.kind,
+    return {"checkpoint": paths.portable(args.checkpoint), "config": checkpoint.config.name, "kind": checkpoint.kind,
             **evaluation_metrics(model, split)}
 
 

@@ -50,6 +50,16 @@ def reference_sparse_checkpoint_path(operand_digits: int = 2) -> Path:
     return data_dir() / "reference" / f"add_d{_shipped(operand_digits)}_l4_h4_sparse.pt"
 
 
+def portable(path) -> str:
+    """``path`` as it can be recorded in a file without naming a folder of this machine: relative
+    to the current folder or to the checkout if inside either, else the file name alone."""
+    path = Path(path).resolve()
+    for root in (Path.cwd(), _PACKAGE_ROOT):
+        if path.is_relative_to(root.resolve()):
+            return path.relative_to(root.resolve()).as_posix()
+    return path.name
+
+
 def figures_dir() -> Path:
     """``figures/``: the pictures notebook 04 draws, tracked so the README can show them
     (``$SPARSECIRC_FIGURES`` instead, if set)."""

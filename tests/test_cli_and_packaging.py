@@ -95,6 +95,22 @@ def test_cli_bug_with_json_is_an_object_and_still_a_traceback(tmp_path, capsys, 
     assert json.loads(capsys.readouterr().out) == {"error": "ZeroDivisionError: division by zero", "kind": "internal"}
 
 
+def test_cli_output_names_no_folder_of_this_machine(tmp_path, capsys, monkeypatch):
+    from sparsecirc import paths
+
+    data = _tiny_data(tmp_path)
+    checkpoint = save_checkpoint(tmp_path / "runs" / "m.pt", build_model(ModelConfig(1, 2, n_layers=1, n_heads=2,
+                                                                                     d_head=4, d_model=8, d_mlp=16)))
+    capsys.readouterr()
+    monkeypatch.chdir(ROOT)  # a folder outside the checkout and the current folder: its name alone
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == "m.pt"
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == "runs/m.pt"
+    assert paths.portable(paths.reference_base_checkpoint_path()) == "data/reference/add_d2_l4_h4_base.pt"
+
+
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "sparsecirc", "--help"], capture_output=True, text=True, check=True)
     assert "evaluate" in out.stdout
