@@ -51,13 +51,15 @@ def reference_sparse_checkpoint_path(operand_digits: int = 2) -> Path:
 
 
 def portable(path) -> str:
-    """``path`` as it can be recorded in a file without naming a folder of this machine: relative
-    to the current folder or to the checkout if inside either, else the file name alone."""
-    path = Path(path).resolve()
+    """``path`` as the CLI prints and records it: relative to the current folder or to the checkout
+    if inside either (so nothing it writes names a folder of this machine the caller did not
+    name), else as the caller gave it (they named that folder, and need it to find the file)."""
+    given = Path(path)
+    resolved = given.resolve()
     for root in (Path.cwd(), _PACKAGE_ROOT):
-        if path.is_relative_to(root.resolve()):
-            return path.relative_to(root.resolve()).as_posix()
-    return path.name
+        if resolved.is_relative_to(root.resolve()):
+            return resolved.relative_to(root.resolve()).as_posix()
+    return str(given)
 
 
 def figures_dir() -> Path:

@@ -102,9 +102,9 @@ def test_cli_output_names_no_folder_of_this_machine(tmp_path, capsys, monkeypatc
     checkpoint = save_checkpoint(tmp_path / "runs" / "m.pt", build_model(ModelConfig(1, 2, n_layers=1, n_heads=2,
                                                                                      d_head=4, d_model=8, d_mlp=16)))
     capsys.readouterr()
-    monkeypatch.chdir(ROOT)  # a folder outside the checkout and the current folder: its name alone
+    monkeypatch.chdir(ROOT)  # a folder outside the checkout and the current folder: as the caller named it
     assert main(["evaluate", str(checkpoint), "--data", str(data), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["checkpoint"] == "m.pt"
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(checkpoint)
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", str(checkpoint), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"] == "runs/m.pt"
