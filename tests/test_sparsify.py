@@ -59,6 +59,14 @@ def test_bad_sparsify_configs():
         SparsifyConfig(decay_fraction=1.5)
     with pytest.raises(ValueError, match="weight_decay"):
         SparsifyConfig(weight_decay=-0.1)
+    with pytest.raises(ValueError, match="replay_size"):
+        SparsifyConfig(replay_size=-1)
+    with pytest.raises(ValueError, match="prune_needs_bar"):
+        SparsifyConfig(prune_needs_bar=1)
+    with pytest.raises(ValueError, match="multiplier_lr"):
+        SparsifyConfig(multiplier_lr=-0.01)
+    fixed = LagrangeMultiplier(tau=0.1, init=100.0, lr=0.0, minimum=10.0)  # multiplier_lr=0: a fixed penalty weight
+    assert [fixed.update(ce) for ce in (1.0, 0.0, 1.0)] == [100.0] * 3
     with pytest.raises(ValueError, match="tau"):
         LagrangeMultiplier(tau=0.0)
 
