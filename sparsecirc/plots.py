@@ -22,6 +22,11 @@ def attention_patterns(model, task: AdditionTask, problem: str) -> torch.Tensor:
 
 def plot_training_history(history: list[dict], title: str = "Base training"):
     """Loss (log scale) and exact-match accuracy against steps, train and held-out."""
+    needed = ("step", "train_loss", "test_loss", "train_exact_match", "test_exact_match")
+    if not isinstance(history, list) or not history or not all(isinstance(h, dict) and all(k in h for k in needed)
+                                                                 for h in history):
+        raise ValueError(f"history must be the non-empty list of dicts train returns, each with {list(needed)}; "
+                         f"got {history!r:.80}")
     steps = [h["step"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax_loss.plot(steps, [h["train_loss"] for h in history], label="train (batches)")
@@ -162,7 +167,11 @@ def plot_edges_per_layer(per_layer: dict[str, list[float]], title: str = "Open e
 
 def plot_edge_count_distribution(edges_per_input, title: str = "Open edges per input over all problems"):
     """Histogram of the number of open edges per input (one integer per problem)."""
-    counts = torch.as_tensor(edges_per_input).round().long()
+    counts = torch.as_tensor(edges_per_input)
+    if counts.ndim != 1 or len(counts) == 0 or not counts.is_floating_point() and counts.dtype not in (torch.long, torch.int):
+        raise ValueError(f"edges_per_input must be a non-empty 1-d list or tensor of counts (one per problem), got "
+                         f"{edges_per_input!r:.80}")
+    counts = counts.round().long()
     values, frequency = counts.unique(return_counts=True)
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.bar(values.tolist(), frequency.tolist(), width=0.8, color="tab:blue")
@@ -176,6 +185,8 @@ def plot_size_curves(curves: dict[str, dict], level: float = 0.9, colours: dict[
     """Explained effect against heads kept (left) and edges kept (right, log scale), one line per
     model, with the count each needs to reach ``level`` marked. ``curves``: ``{model name:
     Patcher.curves(...)}``. Returns the figure."""
+    if not isinstance(curves, dict) or not curves:
+        raise ValueError(f"curves must be a non-empty dict {{model name: Patcher.curves(...)}}, got {curves!r:.80}")
     colours = colours or {}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, kind in zip(axes, ("heads", "edges")):

@@ -8,7 +8,7 @@ import torch
 
 from sparsecirc.model import build_model
 from sparsecirc.plots import (attention_patterns, plot_attention_patterns, plot_edge_count_distribution,
-                              plot_edges_per_layer, plot_sparsify_history, plot_training_history)
+                              plot_edges_per_layer, plot_size_curves, plot_sparsify_history, plot_training_history)
 from sparsecirc.sparsify import SparsifyConfig, sparsify
 from sparsecirc.training import TrainConfig, train
 
@@ -58,6 +58,11 @@ _STEP = {"step": 0, "ce": 1.0, "tau": 1.0, "constraint_ema": 0.0, "multiplier": 
     (lambda: plot_edges_per_layer({"a": []}), "per_layer must be a non-empty dict"),
     (lambda: plot_edges_per_layer({"a": [1.0, 2.0], "b": [1.0]}), "all equally long"),
     (lambda: plot_edges_per_layer([1.0, 2.0]), "per_layer must be a non-empty dict"),
+    (lambda: plot_training_history([]), "non-empty list of dicts train returns"),
+    (lambda: plot_training_history([{"step": 0}]), "non-empty list of dicts train returns"),
+    (lambda: plot_edge_count_distribution([]), "non-empty 1-d"),
+    (lambda: plot_edge_count_distribution([[1, 2]]), "non-empty 1-d"),
+    (lambda: plot_size_curves({}), "curves must be a non-empty dict"),
 ])
 def test_plots_refuse_what_they_cannot_draw(draw, message):
     figures = plt.get_fignums()
