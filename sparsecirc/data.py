@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .files import write_atomically
+from .files import as_path, write_atomically
 
 MAX_OPERAND_DIGITS = 18  # 2 * (10**18 - 1) fits int64
 
@@ -191,9 +191,9 @@ class AdditionTask:
     def batch(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``[batch, seq_len]`` and answer targets ``[batch, answer_digits]`` (long) of
         ``pairs``: a list of ``(a, b)`` or a long tensor ``[batch, 2]``."""
-        if len(pairs) == 0:
+        if isinstance(pairs, (list, tuple)) and len(pairs) == 0:
             raise ValueError("cannot build a batch from an empty list of problems")
-        operands = self.operand_tensor(pairs)
+        operands = self.operand_tensor(pairs)  # refuses what is not a list of pairs or a long [n, 2] tensor
         return self.encode_operands(operands[:, 0], operands[:, 1])
 
     # ---- decoding -----------------------------------------------------------------------
@@ -268,9 +268,37 @@ class AdditionSplit:
     test: tuple[tuple[int, int], ...]
     seed: int
 
+    def __post_init__(self):
+        if not isinstance(self.task, AdditionTask):
+            raise ValueError(f"task must be an AdditionTask, got {type(self.task).__name__}")
+        _check_seed(self.seed)
+        for name in ("train", "test"):
+            pairs = getattr(self, name)
+            if not isinstance(pairs, (tuple, list)) or not pairs:
+                raise ValueError(f"{name} must be a non-empty tuple (or list) of (a, b) pairs, got "
+                                 f"{type(pairs).__name__} {pairs!r:.60}")
+            if not all(type(pair) is tuple and len(pair) == 2 for pair in pairs):
+                if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
+                    bad = next(pair for pair in pairs if not isinstance(pair, (tuple, list)) or len(pair) != 2)
+                    raise ValueError(f"{name} must hold (a, b) pairs, it holds {bad!r:.60}")
+                pairs = tuple(tuple(pair) for pair in pairs)
+            object.__setattr__(self, name, tuple(pairs))
+        shared = set(self.train) & set(self.test)
+        if shared:
+            raise ValueError(f"{len(shared)} problems are both in train and in test (e.g. {min(shared)}); a split's "
+                             f"held-out problems must not be trained on")
+
     @property
     def all(self) -> tuple[tuple[int, int], ...]:
         return self.train + self.test
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        kind = f"{type(seed).__module__}.{type(seed).__qualname__}".removeprefix("builtins.")
+        raise ValueError(f"seed must be a Python int (the same seed gives the same split), got {seed!r:.40} ({kind}); "
+                         f"convert with int(x)")
+    return seed
 
 
 def sample_pairs(pairs, size: int, seed: int) -> tuple[tuple[int, int], ...]:
@@ -291,6 +319,9 @@ MAX_ENUMERATED_PROBLEMS = 10**6  # 3-digit operands; 4 digits would be 10^8 pair
 def make_split(task: AdditionTask = AdditionTask(), test_size: int = 1000, seed: int = 0) -> AdditionSplit:
     """Shuffle every problem with ``seed`` and hold out ``test_size`` of them. Tasks of more
     than ``MAX_ENUMERATED_PROBLEMS`` problems are refused before any memory is spent."""
+    if not isinstance(task, AdditionTask):
+        raise ValueError(f"task must be an AdditionTask, got {type(task).__name__}")
+    _check_seed(seed)
     if task.n_problems > MAX_ENUMERATED_PROBLEMS:
         raise ValueError(f"{task.name} has {task.n_problems:,} problems, more than the {MAX_ENUMERATED_PROBLEMS:,} "
                          f"a split enumerates; use operand_digits <= 3")
@@ -318,7 +349,9 @@ def save_split(split: AdditionSplit, path: str | Path) -> Path:
     An existing file is left alone if it holds the same split; a different file is never
     overwritten (``FileExistsError``): move it or choose another path.
     """
-    path = Path(path)
+    if not isinstance(split, AdditionSplit):
+        raise ValueError(f"split must be an AdditionSplit (see make_split), got {type(split).__name__}")
+    path = as_path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; give a file path such as {path / (split.task.name + '.json')}")
     task = split.task
@@ -365,7 +398,7 @@ def load_split(path: str | Path) -> AdditionSplit:
     """Read a split written by :func:`save_split` (format 2, or format 1 which listed every
     problem), checking it: every problem parses, train and held-out are disjoint, counts match,
     and a whole-task split's held-out problems are exactly those its seed draws."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {path}" + (" (it is a directory)" if path.is_dir() else ""))
     try:

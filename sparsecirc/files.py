@@ -25,6 +25,13 @@ def _umask() -> int:
     return mask
 
 
+def as_path(path, what: str = "path") -> Path:
+    """``path`` (a ``str`` or ``os.PathLike``) as a ``Path``, or ``ValueError`` naming what was given."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{what} must be a file path (str or pathlib.Path), got {type(path).__name__} {path!r:.60}")
+    return Path(path)
+
+
 def check_parent_folder(path: Path) -> None:
     """Raise ``ValueError`` if a folder on the way to ``path`` exists as a file."""
     for parent in Path(path).parents:

@@ -254,3 +254,36 @@ def test_task_sizes_are_bounded_before_any_work(digits, message):
     task = AdditionTask(18, 19)  # the largest: its sums still fit int64
     _, target = task.batch([(task.max_operand, task.max_operand)])
     assert task.decode_answer(target[0].tolist()) == str(2 * task.max_operand)
+
+
+_SPLIT_TASK = AdditionTask(1, 2)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: make_split("add_d1_a2", 20, 0), "task must be an AdditionTask, got str"),
+    (lambda: make_split(_SPLIT_TASK, 20, None), "seed must be a Python int .* got None"),
+    (lambda: make_split(_SPLIT_TASK, 20, 1.5), "seed must be a Python int .* got 1.5 \\(float\\)"),
+    (lambda: make_split(_SPLIT_TASK, 20, np.int64(0)), "seed must be a Python int .*numpy.int64"),
+    (lambda: AdditionSplit(_SPLIT_TASK, ((1, 2),), ((1, 2),), 0), "1 problems are both in train and in test"),
+    (lambda: AdditionSplit(_SPLIT_TASK, (), ((1, 2),), 0), "train must be a non-empty tuple"),
+    (lambda: AdditionSplit(_SPLIT_TASK, ((1, 2),), None, 0), "test must be a non-empty tuple"),
+    (lambda: AdditionSplit(_SPLIT_TASK, ((1, 2),), ((3, 4, 5),), 0), "test must hold \\(a, b\\) pairs"),
+    (lambda: AdditionSplit("add_d1_a2", ((1, 2),), ((3, 4),), 0), "task must be an AdditionTask"),
+    (lambda: AdditionSplit(_SPLIT_TASK, ((1, 2),), ((3, 4),), "0"), "seed must be a Python int"),
+    (lambda: save_split("split", "x.json"), "split must be an AdditionSplit"),
+    (lambda: save_split(make_split(_SPLIT_TASK, 20, 0), None), "path must be a file path .* got NoneType"),
+    (lambda: load_split(5), "path must be a file path .* got int"),
+    (lambda: _SPLIT_TASK.batch(None), "problems must be a list of \\(a, b\\) pairs, got NoneType"),
+    (lambda: _SPLIT_TASK.batch(5), "problems must be a list of \\(a, b\\) pairs, got int"),
+])
+def test_split_and_batch_doors_refuse_bad_input(call, message):
+    """Refused with a ValueError that names the problem, never an AttributeError or TypeError from inside."""
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_batch_takes_pairs_from_an_iterator_like_operand_tensor():
+    tokens, _ = _SPLIT_TASK.batch(iter([(1, 2), (3, 4)]))
+    assert tokens.shape == (2, _SPLIT_TASK.seq_len)
+    split = AdditionSplit(_SPLIT_TASK, [[1, 2]], [(3, 4)], 0)  # lists are kept as tuples
+    assert split.train == ((1, 2),) and split.test == ((3, 4),)
