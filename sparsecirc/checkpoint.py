@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .files import write_atomically
+from .files import as_path, write_atomically
 from .model import ModelConfig, build_model, config_of
 from .sparse_attention import gate_bias_of, unusable_tensor
 
@@ -37,6 +37,16 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     kind: str = "base"
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.config, ModelConfig):
+            raise ValueError(f"config must be a ModelConfig, got {type(self.config).__name__}")
+        for name in ("state_dict", "metrics", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
+        if self.kind != ("sparse" if self.config.is_sparse else "base"):
+            raise ValueError(f"kind must be 'sparse' for a sparse config and 'base' for a dense one; got "
+                             f"{self.kind!r} for {self.config.name}")
 
     def build(self):
         """A model with these weights."""
@@ -88,7 +98,11 @@ def save_checkpoint(path, model, config: ModelConfig | None = None, metrics: dic
     the file is written to a fresh temporary name in the same folder, then moved into place
     (:func:`~sparsecirc.files.write_atomically`: a file that appears meanwhile is not replaced
     either). ``replace_hint`` is how the refusal tells the caller to replace a file."""
-    path = Path(path)
+    path = as_path(path)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a model (a torch.nn.Module, see build_model), got {type(model).__name__}")
     own = config_of(model)
     if config is None:
         if own is None:
@@ -153,7 +167,7 @@ def check_archive(path: Path) -> None:
 def read_checkpoint(path) -> Checkpoint:
     """Read and validate a checkpoint file (format, config and its digest, weight names, shapes
     and types)."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}" + (" (it is a directory)" if path.is_dir() else ""))
     check_archive(path)
@@ -234,6 +248,8 @@ def load_weights(model, state_dict: dict, config: ModelConfig) -> None:
 def load_checkpoint(path, expected_config: ModelConfig | None = None):
     """``(model, checkpoint)`` from ``path``. With ``expected_config``, a checkpoint of any
     other config raises ``ValueError`` naming the fields that differ."""
+    if expected_config is not None and not isinstance(expected_config, ModelConfig):
+        raise ValueError(f"expected_config must be a ModelConfig or None, got {type(expected_config).__name__}")
     checkpoint = read_checkpoint(path)
     if expected_config is not None and checkpoint.config != expected_config:
         diffs = checkpoint.config.differences(expected_config)

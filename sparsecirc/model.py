@@ -77,6 +77,8 @@ class ModelConfig:
         return replace(self, gate_bias=None)
 
     def sparse(self, gate_bias: float) -> "ModelConfig":
+        if isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float)):
+            raise ValueError(f"a sparse config needs a finite number as gate_bias, got {gate_bias!r}")
         return replace(self, gate_bias=float(gate_bias))
 
     def to_dict(self) -> dict:
@@ -84,6 +86,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, record: dict) -> "ModelConfig":
+        if not isinstance(record, dict):
+            raise ValueError(f"a model config record must be a dict of fields, got {type(record).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(record) - known
         if unknown:
@@ -108,6 +112,8 @@ def build_model(config: ModelConfig = ModelConfig(), initialise: bool = True) ->
     """
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+    if not isinstance(initialise, bool):
+        raise ValueError(f"initialise must be True or False, got {initialise!r}")
     cfg = bridge_config(config)
     with torch.random.fork_rng(devices=[]):  # nn.Linear's own initialisation would draw from the global RNG
         model = GatedTransformer(cfg, NativeGating(config.n_layers, config.n_heads))
@@ -139,4 +145,6 @@ def task_of(model) -> AdditionTask | None:
 
 
 def count_parameters(model) -> int:
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"count_parameters needs a model (a torch.nn.Module), got {type(model).__name__}")
     return sum(p.numel() for p in model.parameters())

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from tqdm.auto import tqdm
 
-from .data import AdditionSplit, sample_pairs
+from .data import MAX_ENUMERATED_PROBLEMS, AdditionSplit, sample_pairs
 from .evaluation import answer_logits, answer_loss, check_task, evaluate
 from .sparse_attention import gate_bias_of
 
@@ -18,6 +18,7 @@ from .sparse_attention import gate_bias_of
 # finish, and on a slow machine nbval then failed notebook 03 with "Timeout of 5 seconds
 # exceeded waiting for output" (most likely a full message queue dropped the final message).
 PROGRESS_INTERVAL = 2.0
+MAX_BATCH_SIZE = MAX_ENUMERATED_PROBLEMS
 
 
 def check_field_types(config) -> None:
@@ -57,6 +58,11 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.lr <= 0 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1 or self.eval_size < 1:
             raise ValueError(f"lr, batch_size, max_steps, eval_every and eval_size must be positive: {self}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be at most {MAX_BATCH_SIZE:,} (a batch is sampled from the training "
+                             f"split, which holds at most that many problems), got {self.batch_size:,}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in 0..2**63-1, got {self.seed}")
         if not 0 < self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
 
@@ -77,6 +83,10 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
     """Train ``model`` in place on ``split.train``. Returns the history: one dict per
     evaluation with ``step``, ``seconds``, ``train_loss`` (running mean since the last
     evaluation), and train/test ``loss`` and ``exact_match`` on the evaluation samples."""
+    if not isinstance(split, AdditionSplit):
+        raise ValueError(f"split must be an AdditionSplit (see make_split, load_split), got {type(split).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     task = split.task
     check_task(model, task)
     if gate_bias_of(model) is not None:

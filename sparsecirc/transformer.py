@@ -171,6 +171,9 @@ class GatedTransformer(HookedRootModule):
     """
 
     def __init__(self, cfg: TransformerBridgeConfig, gating):
+        if not isinstance(cfg, TransformerBridgeConfig):
+            raise ValueError(f"cfg must be a TransformerBridgeConfig; build a model with "
+                             f"sparsecirc.build_model(ModelConfig(...)), got {type(cfg).__name__}")
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
@@ -191,6 +194,7 @@ class GatedTransformer(HookedRootModule):
         """Logits ``[batch, pos - output_from, d_vocab]`` of ``tokens`` ``[batch, pos]``. With
         ``output_from``, the last layer computes its attention output and MLP only from that
         position on (every gate is still computed and recorded)."""
+        self.check_tokens(tokens)
         n_pos = tokens.shape[1]
         if n_pos > self.cfg.n_ctx:
             raise ValueError(f"input length {n_pos} exceeds the model's context of {self.cfg.n_ctx}")
@@ -199,6 +203,16 @@ class GatedTransformer(HookedRootModule):
         for index, block in enumerate(self.blocks):
             x, _ = block(x, gates, keep_from=output_from if index == len(self.blocks) - 1 else 0)
         return self.unembed(self.ln_final(x))
+
+    def check_tokens(self, tokens) -> None:
+        """Raise ``ValueError`` unless ``tokens`` is a 2-D integer tensor ``[batch, pos]`` of vocabulary ids."""
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
+            got = f"{tokens.dtype} of shape {list(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a 2-D long tensor [batch, pos] of token ids, got {got} (encode a "
+                             f"problem with task.batch)")
+        if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < self.cfg.d_vocab):
+            raise ValueError(f"token ids must be in 0..{self.cfg.d_vocab - 1}, got values in "
+                             f"{int(tokens.min())}..{int(tokens.max())}")
 
     def _embed(self, tokens, first_position: int):
         positions = self.pos_embed.weight[first_position:first_position + tokens.shape[1]]

@@ -340,3 +340,33 @@ def test_a_tiny_checkpoint_asking_for_a_huge_model_is_refused_before_any_work(tm
     monkeypatch.setattr("sparsecirc.checkpoint.build_model", lambda *a: pytest.fail("built a model"))
     with pytest.raises(ValueError, match=message):
         read_checkpoint(tmp_path / "huge.pt")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda tmp, model, cfg: save_checkpoint(tmp / "m.pt", model, overwrite="no"), "overwrite must be True or False"),
+    (lambda tmp, model, cfg: save_checkpoint(None, model), "path must be a file path .* got NoneType"),
+    (lambda tmp, model, cfg: save_checkpoint(tmp / "n.pt", None, cfg), "model must be a model .* got NoneType"),
+    (lambda tmp, model, cfg: read_checkpoint(5), "path must be a file path .* got int"),
+    (lambda tmp, model, cfg: load_checkpoint(tmp / "m.pt", "add_d1"), "expected_config must be a ModelConfig"),
+    (lambda tmp, model, cfg: load_checkpoint(tmp / "m.pt", cfg.to_dict()), "expected_config must be a ModelConfig"),
+    (lambda tmp, model, cfg: __import__("sparsecirc").Checkpoint(cfg, None), "state_dict must be a dict"),
+    (lambda tmp, model, cfg: __import__("sparsecirc").Checkpoint(cfg, {}, kind="weird"), "kind must be 'sparse'"),
+    (lambda tmp, model, cfg: __import__("sparsecirc").count_parameters(None), "count_parameters needs a model"),
+    (lambda tmp, model, cfg: build_model(cfg, initialise="no"), "initialise must be True or False"),
+    (lambda tmp, model, cfg: cfg.sparse(None), "needs a finite number as gate_bias"),
+    (lambda tmp, model, cfg: cfg.sparse("3"), "needs a finite number as gate_bias"),
+    (lambda tmp, model, cfg: ModelConfig.from_dict(None), "must be a dict of fields, got NoneType"),
+    (lambda tmp, model, cfg: model(torch.full((1, 6), 13)), "token ids must be in 0..12"),
+    (lambda tmp, model, cfg: model(torch.zeros(1, 6)), "tokens must be a 2-D long tensor"),
+    (lambda tmp, model, cfg: model([[1] * 6]), "tokens must be a 2-D long tensor .* got list"),
+    (lambda tmp, model, cfg: model(torch.zeros(6, dtype=torch.long)), "tokens must be a 2-D long tensor"),
+    (lambda tmp, model, cfg: __import__("sparsecirc").GatedTransformer("cfg", None), "cfg must be a TransformerBridgeConfig"),
+])
+def test_model_and_checkpoint_doors_refuse_bad_input(tmp_path, tiny_config, call, message):
+    """A ValueError saying what was wrong, before anything is written; overwrite="no" once replaced the file."""
+    model = build_model(tiny_config)
+    path = save_checkpoint(tmp_path / "m.pt", model)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=message):
+        call(tmp_path, model, tiny_config)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]

@@ -51,11 +51,22 @@ def test_evaluation_lists_failures_with_text(tiny_config, tiny_split):
         predict(model, tiny_split.task, "36+28")
 
 
-def test_bad_train_config():
-    with pytest.raises(ValueError):
-        TrainConfig(lr=0)
-    with pytest.raises(ValueError):
-        TrainConfig(target_accuracy=1.5)
+@pytest.mark.parametrize("bad, message", [({"lr": 0}, "must be positive"), ({"target_accuracy": 1.5}, "target_accuracy"),
+                                          ({"batch_size": 10**12}, "batch_size must be at most 1,000,000"),
+                                          ({"seed": -1}, "seed must be an int in 0..2\\*\\*63-1"),
+                                          ({"seed": 10**30}, "seed must be an int in 0..2\\*\\*63-1")])
+def test_bad_train_config(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("split, config, message", [("split", TrainConfig(), "split must be an AdditionSplit"),
+                                                    (None, TrainConfig(), "split must be an AdditionSplit"),
+                                                    ("tiny", "config", "config must be a TrainConfig"),
+                                                    ("tiny", {}, "config must be a TrainConfig")])
+def test_train_refuses_what_is_not_a_split_or_a_config(tiny_config, tiny_split, split, config, message):
+    with pytest.raises(ValueError, match=message):
+        train(build_model(tiny_config), tiny_split if split == "tiny" else split, config, progress=False)
 
 
 def test_eval_size_must_be_positive():
