@@ -97,6 +97,10 @@ def check_edge(model, edge: Edge) -> None:
 
 def _edge_mask(model, edges, background: float) -> torch.Tensor:
     """``[layer, head, query, key]`` filled with ``background``, ``edges`` set to the other value."""
+    check_attention_hooks(model)
+    if isinstance(edges, (str, bytes, torch.Tensor)) or not hasattr(edges, "__iter__"):
+        raise ValueError(f"edges must be a list of Edge(layer, head, query, key) or 4-tuples, got "
+                         f"{type(edges).__name__} {edges!r:.40}")
     n_layers, n_heads, n_ctx = attention_shape(model)
     mask = torch.full((n_layers, n_heads, n_ctx, n_ctx), background)
     for edge in edges:
@@ -126,6 +130,15 @@ class EdgeGates:
 
     def __init__(self, mode: str, gate_bias: float | None, n_layers: int, n_heads: int,
                  edge_mask: torch.Tensor | None = None, generator: torch.Generator | None = None, record: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"unknown gating mode {mode!r}; choose one of {MODES}")
+        for name, value in (("n_layers", n_layers), ("n_heads", n_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if mode != "dense":
+            gate_bias = _check_gate_bias(gate_bias)
+        elif gate_bias is not None:
+            raise ValueError("dense mode runs without gates and takes no gate_bias")
         self.mode, self.gate_bias, self.n_layers, self.n_heads = mode, gate_bias, n_layers, n_heads
         self.edge_mask, self.generator, self.record = edge_mask, generator, record
         self._q: list[torch.Tensor | None] = [None] * n_layers
@@ -144,6 +157,9 @@ class EdgeGates:
         key]`` booleans of this run (default: the square triangle; the queries are the last
         positions). ``on_logits``, ``on_gates``: hook points the logits and the gates pass."""
         n_q, n_k = pattern.shape[-2:]
+        if self.edge_mask is not None and self.edge_mask.ndim == 5 and len(self.edge_mask) not in (1, len(pattern)):
+            raise ValueError(f"the edge_mask has a batch of {len(self.edge_mask)} masks but the input a batch of "
+                             f"{len(pattern)}: give one mask per input, or one [layer, head, query, key] mask for all")
         if causal is None:
             causal = causal_mask(n_k, pattern.device)[n_k - n_q:]
         if self.mode == "dense":
@@ -369,6 +385,7 @@ def set_gate_bias(model, gate_bias: float | None) -> None:
         gate_bias = _check_gate_bias(gate_bias)
     if gate_bias is None and gate_bias_of(model) is None:
         return
+    check_attention_hooks(model)
     gating = _gating(model)
     if gating.block is not None:
         raise ValueError("cannot change the gate bias inside a sparse_attention block")
@@ -396,6 +413,9 @@ def check_edge_mask(model, edge_mask: torch.Tensor) -> None:
     if edge_mask.ndim not in (4, 5) or tuple(edge_mask.shape[-4:]) != expected_tail:
         raise ValueError(f"edge_mask must have shape [layer, head, query, key] = {list(expected_tail)} "
                          f"(optionally with a leading batch dim), got {list(edge_mask.shape)}")
+    if edge_mask.ndim == 5 and len(edge_mask) == 0:
+        raise ValueError("edge_mask has a batch of 0 masks; give one mask per input, or one [layer, head, query, key] "
+                         "mask for every input")
     if not ((edge_mask == 0) | (edge_mask == 1)).all():
         raise ValueError("edge_mask must hold only 0 (closed) and 1 (open); build it with mask_closing or mask_keeping")
 
@@ -415,6 +435,8 @@ def sparse_attention(model, mode: str = "deterministic", gate_bias: float | None
     if mode not in MODES:
         raise ValueError(f"unknown gating mode {mode!r}; choose one of {MODES}")
     check_attention_hooks(model)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r:.40}")
     if edge_mask is not None:
         check_edge_mask(model, edge_mask)
     if mode == "dense":
@@ -448,6 +470,7 @@ def analysis_run(model, *, gate_bias: float | None = None, dense: bool = False,
     for a sparse model, none for a dense one) unless asked otherwise by name: ``gate_bias=``
     gates at that bias, ``dense=True`` runs without gates. ``edge_mask`` closes edges on top.
     The model's train/eval mode is restored on exit, also after an exception."""
+    check_attention_hooks(model)
     if not isinstance(dense, bool):
         raise ValueError(f"dense must be True or False, got {dense!r}")
     if dense and gate_bias is not None:

@@ -8,7 +8,7 @@ import torch
 from sparsecirc.gates import n_causal_pairs
 from sparsecirc.model import ModelConfig, build_model
 from conftest import bridge_twin
-from sparsecirc.sparse_attention import (Edge, analysis_run, gate_bias_of, mask_closing, mask_keeping, set_gate_bias,
+from sparsecirc.sparse_attention import (Edge, EdgeGates, analysis_run, gate_bias_of, mask_closing, mask_keeping, set_gate_bias,
                                          sparse_attention)
 
 CONFIGS = [
@@ -144,6 +144,26 @@ def test_bad_arguments_raise_clear_errors(kind, tiny_config, temporary_hook_coun
                          (Edge(0, 0, 1, 3), "not a causal edge"), (Edge(0, 0, 40, 0), "positions must be in")]:
         with pytest.raises(ValueError, match=message):
             mask_closing(model, [bad])
+    seq = tiny_config.task.seq_len
+    tokens = tiny_config.task.batch([(1, 2)])[0]
+    for call, message in [(lambda: mask_closing(model, None), "edges must be a list of Edge"),
+                          (lambda: mask_closing(model, 5), "edges must be a list of Edge"),
+                          (lambda: mask_closing(None, []), "edge gating needs a GatedTransformer"),
+                          (lambda: set_gate_bias(None, 1.0), "edge gating needs a GatedTransformer"),
+                          (lambda: analysis_run(None).__enter__(), "edge gating needs a GatedTransformer"),
+                          (lambda: sparse_attention(model, "sample", gate_bias=1.0, generator=5).__enter__(),
+                           "generator must be a torch.Generator"),
+                          (lambda: sparse_attention(model, "dense", edge_mask=full.expand(0, *full.shape)).__enter__(),
+                           "edge_mask has a batch of 0 masks"),
+                          (lambda: EdgeGates("soft", 1.0, 2, 2), "unknown gating mode"),
+                          (lambda: EdgeGates("sample", float("nan"), 2, 2), "finite"),
+                          (lambda: EdgeGates("sample", 1.0, 0, 2), "n_layers must be a positive int")]:
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match="a batch of 3 masks but the input a batch of 1"):
+        with sparse_attention(model, "deterministic", gate_bias=1.0, edge_mask=full.expand(3, *full.shape)):
+            model(tokens)
+    assert seq == tokens.shape[1]
     assert temporary_hook_count(model) == 0
 
 
