@@ -13,6 +13,8 @@ an edge that is both residual and attention. Graph attributes: ``problem``, ``pr
 
 from __future__ import annotations
 
+import operator
+
 import networkx as nx
 import torch
 
@@ -102,11 +104,22 @@ def attention_edges(graph: nx.DiGraph) -> list[tuple]:
 
 
 def check_positions(graph: nx.DiGraph, positions) -> list[int]:
-    positions = [int(p) for p in positions]
-    bad = [p for p in positions if not 0 <= p < graph.graph["seq_len"]]
-    if bad or not positions:
-        raise ValueError(f"positions must be a non-empty list within 0..{graph.graph['seq_len'] - 1}, got {positions}")
-    return positions
+    allowed = f"a non-empty list of int positions within 0..{graph.graph['seq_len'] - 1}"
+    if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+        raise ValueError(f"positions must be {allowed}, got {type(positions).__name__} {positions!r:.40}")
+    checked = []
+    for p in positions:
+        try:
+            number = None if isinstance(p, bool) else operator.index(p)
+        except TypeError:
+            number = None
+        if number is None:
+            raise ValueError(f"positions must be {allowed}; {p!r:.40} ({type(p).__name__}) is not an int")
+        checked.append(number)
+    bad = [p for p in checked if not 0 <= p < graph.graph["seq_len"]]
+    if bad or not checked:
+        raise ValueError(f"positions must be {allowed}, got {checked}")
+    return checked
 
 
 def prune_to_answers(graph: nx.DiGraph, positions=None) -> nx.DiGraph:
@@ -165,6 +178,19 @@ def frequency_graph(frequency: torch.Tensor, task: AdditionTask, min_frequency: 
     """The aggregated circuit: an attention edge wherever some head opens it on more than
     ``min_frequency`` of the inputs; ``heads`` holds each head's frequency and ``weight`` the
     largest of them. ``frequency``: ``[layer, head, query, key]`` from :func:`edge_frequency`."""
+    if not isinstance(task, AdditionTask):
+        raise ValueError(f"task must be an AdditionTask, got {type(task).__name__}")
+    allowed = f"a float tensor [layer, head, {task.seq_len}, {task.seq_len}] of fractions in [0, 1] from edge_frequency"
+    if not isinstance(frequency, torch.Tensor) or not frequency.is_floating_point() or frequency.ndim != 4 \
+            or tuple(frequency.shape[-2:]) != (task.seq_len, task.seq_len) or 0 in frequency.shape:
+        got = f"{frequency.dtype} of shape {list(frequency.shape)}" if isinstance(frequency, torch.Tensor) else \
+            type(frequency).__name__
+        raise ValueError(f"frequency must be {allowed} (for {task.name}), got {got}")
+    if not ((frequency >= 0) & (frequency <= 1)).all():
+        raise ValueError(f"frequency must be {allowed}; it holds values outside [0, 1] (or NaN)")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, (int, float)) or not 0 <= min_frequency < 1:
+        raise ValueError(f"min_frequency must be a number in [0, 1) (edges open on more than this fraction of the "
+                         f"inputs are drawn), got {min_frequency!r}")
     open_mask = frequency > min_frequency
     output_labels = [""] * task.prompt_len + task.position_labels[task.prompt_len:]
     graph = build_circuit_graph(frequency, open_mask, task.position_labels, output_labels, task.answer_positions,

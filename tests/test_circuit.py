@@ -72,6 +72,20 @@ def test_bad_graph_inputs_are_refused(tiny_config, tiny_split):
             call(nx.DiGraph())
     with pytest.raises(ValueError, match="positions must be"):
         prune_to_answers(graph, [6])
+    for positions in ([1.7], [True], ["3"], [None], [float("inf")], 5):  # 1.7 and True once became position 1
+        with pytest.raises(ValueError, match="positions must be a non-empty list of int positions within 0..5"):
+            prune_to_answers(graph, positions)
+    frequency = torch.ones(tiny_config.n_layers, tiny_config.n_heads, 6, 6).tril()
+    for args, message in [((frequency.tolist(), task), "frequency must be a float tensor"),
+                          ((frequency[:, :, :3, :3], task), "frequency must be a float tensor .* got torch.float32 of shape"),
+                          ((frequency * 5, task), "values outside \\[0, 1\\]"),
+                          ((frequency * float("nan"), task), "values outside \\[0, 1\\]"),
+                          ((frequency, "task"), "task must be an AdditionTask"),
+                          ((frequency, task, float("nan")), "min_frequency must be a number in \\[0, 1\\)"),
+                          ((frequency, task, -1.0), "min_frequency must be a number in \\[0, 1\\)"),
+                          ((frequency, task, None), "min_frequency must be a number in \\[0, 1\\)")]:
+        with pytest.raises(ValueError, match=message):
+            frequency_graph(*args)
     with pytest.raises(ValueError):
         circuit_graph(model, task, "36+28")  # the tiny task has 1-digit operands
     with pytest.raises(ValueError, match="non-causal"):
