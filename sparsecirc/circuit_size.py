@@ -11,6 +11,8 @@ Heads and edges are ranked with the MLPs left unpatched (they recompute from wha
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,8 @@ class Patcher:
                  batch_limit: int = 4096, progress: bool = True):
         """The model runs with its own gating (a sparse model: deterministic gates at its bias)
         unless asked otherwise (``gate_bias=``, ``dense=True``)."""
+        if not isinstance(pairs, PatchingPairs):
+            raise ValueError(f"pairs must be PatchingPairs (see make_pairs), got {type(pairs).__name__}")
         check_task(model, pairs.task)
         if isinstance(batch_limit, bool) or not isinstance(batch_limit, int) or batch_limit < 1:
             raise ValueError(f"batch_limit must be a positive int, got {batch_limit!r}")
@@ -66,6 +70,12 @@ class Patcher:
     def run(self, keep: torch.Tensor, keep_mlp: torch.Tensor | None = None, desc: str = "patching") -> torch.Tensor:
         """Mean metric for each variant: ``keep [variant, layer, head, q, k]``, ``keep_mlp
         [variant, layer]`` (see :func:`.patching.patched_logits`). Returns ``[variant]``."""
+        for name, mask in (("keep", keep), ("keep_mlp", keep_mlp)):
+            if mask is not None and not isinstance(mask, torch.Tensor):
+                raise ValueError(f"{name} must be a tensor of 0s and 1s, got {type(mask).__name__}")
+        if keep.ndim != 5 or keep.shape[0] == 0:
+            raise ValueError(f"keep must be [variant, layer, head, query, key] = [n, {', '.join(map(str, self.shape))}] "
+                             f"with at least one variant, got {list(keep.shape)}")
         results = []
         starts = range(0, keep.shape[0], self.variants_per_pass)
         for start in tqdm(starts, desc=desc, disable=not self.progress or len(starts) < 4, leave=False):
@@ -100,8 +110,15 @@ class Patcher:
             edge_effects[candidates] = clean - self.run(edges, desc="edges")
         return PatchingEffects(clean, corrupted, head_effects, mlp_effects, edge_effects, candidates)
 
+    def _check_curve(self, effects, ks, n: int, what: str) -> list[int]:
+        if not isinstance(effects, PatchingEffects):
+            raise ValueError(f"effects must be the PatchingEffects of Patcher.effects(), got {type(effects).__name__}")
+        return _check_ks(ks, f"ks must be a non-empty list of int counts of {what} in 0..{n}", n)
+
     def edge_curve(self, effects: PatchingEffects, ks: list[int]) -> torch.Tensor:
         """Explained effect keeping the top-``k`` edges by |effect|, for each ``k`` in ``ks``."""
+        ks = self._check_curve(effects, ks, effects.edge_effects.numel() if isinstance(effects, PatchingEffects) else 0,
+                               "edges")
         order = effects.edge_effects.abs().flatten().argsort(descending=True, stable=True)
         keep = torch.zeros(len(ks), order.numel())
         for row, k in enumerate(ks):
@@ -111,6 +128,7 @@ class Patcher:
     def head_curve(self, effects: PatchingEffects, ks: list[int]) -> torch.Tensor:
         """Explained effect keeping the top-``k`` heads by |effect|, for each ``k`` in ``ks``."""
         n_layers, n_heads = self.shape[:2]
+        ks = self._check_curve(effects, ks, n_layers * n_heads, "heads")
         order = effects.head_effects.abs().flatten().argsort(descending=True, stable=True)
         keep = torch.zeros(len(ks), n_layers * n_heads, *self.shape[2:])
         for row, k in enumerate(ks):
@@ -120,6 +138,8 @@ class Patcher:
     def curves(self, effects: PatchingEffects) -> dict[str, tuple[list[int], torch.Tensor]]:
         """Both curves at the usual points: ``{"heads": (ks, explained), "edges": (ks, explained)}``,
         every head count, and edge counts 0-64 then about 10% apart up to every causal edge."""
+        if not isinstance(effects, PatchingEffects):
+            raise ValueError(f"effects must be the PatchingEffects of Patcher.effects(), got {type(effects).__name__}")
         n_layers, n_heads, seq_len, _ = self.shape
         n_edges = n_layers * n_heads * n_causal_pairs(seq_len)
         head_ks = list(range(n_layers * n_heads + 1))
@@ -131,8 +151,37 @@ class Patcher:
         return (metric - effects.corrupted) / effects.full_effect
 
 
+def _check_ks(ks, allowed: str, largest: int | None = None) -> list[int]:
+    """``ks`` as a list of ints, or ``ValueError`` saying ``allowed``: non-empty, ints (not bools),
+    non-negative and at most ``largest``."""
+    if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
+        raise ValueError(f"{allowed}, got {type(ks).__name__} {ks!r:.40}")
+    checked = []
+    for k in ks:
+        try:
+            number = None if isinstance(k, bool) else operator.index(k)
+        except TypeError:
+            number = None
+        if number is None or number < 0 or (largest is not None and number > largest):
+            raise ValueError(f"{allowed}; it holds {k!r:.40} ({type(k).__name__})")
+        checked.append(number)
+    if not checked:
+        raise ValueError(f"{allowed}, got an empty list")
+    return checked
+
+
 def needed_for(ks: list[int], explained: torch.Tensor, level: float = 0.9) -> int | None:
     """The smallest ``k`` in ``ks`` (ascending) whose explained effect reaches ``level``."""
+    ks = _check_ks(ks, "ks must be a non-empty ascending list of non-negative int counts")
+    if any(a >= b for a, b in zip(ks, ks[1:])):
+        raise ValueError(f"ks must be strictly ascending (the smallest count that reaches the level is wanted), got "
+                         f"{ks[:10]}")
+    if not isinstance(explained, torch.Tensor) or explained.ndim != 1 or len(explained) != len(ks):
+        got = f"shape {list(explained.shape)}" if isinstance(explained, torch.Tensor) else type(explained).__name__
+        raise ValueError(f"explained must be a 1-D tensor with one value per k ({len(ks)}), as edge_curve and "
+                         f"head_curve return, got {got}")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not math.isfinite(level):
+        raise ValueError(f"level must be a finite number (a fraction of the effect, e.g. 0.9), got {level!r}")
     for k, value in zip(ks, explained.tolist()):
         if value >= level:
             return k

@@ -43,6 +43,10 @@ class PatchingPairs:
     def __post_init__(self):
         if not isinstance(self.task, AdditionTask):
             raise ValueError(f"task must be an AdditionTask, got {type(self.task).__name__}")
+        for name in ("clean", "corrupted", "flips_carry"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ValueError(f"{name} must be a tuple or list with one entry per pair, got "
+                                 f"{type(getattr(self, name)).__name__}")
         lengths = {"clean": len(self.clean), "corrupted": len(self.corrupted), "flips_carry": len(self.flips_carry)}
         if len(set(lengths.values())) != 1 or lengths["clean"] == 0:
             raise ValueError(f"clean, corrupted and flips_carry must be equally long and not empty (one entry per "
@@ -80,12 +84,20 @@ def corrupt_one_digit(task: AdditionTask, a: int, b: int, rng: random.Random) ->
     return operands[0], operands[1]
 
 
+MAX_PAIRS = 100_000
+
+
 def make_pairs(task: AdditionTask, n: int, seed: int = 0) -> PatchingPairs:
     """``n`` pairs, half whose corruption flips a carry and half whose does not (seeded)."""
     if not isinstance(task, AdditionTask):
         raise ValueError(f"task must be an AdditionTask, got {type(task).__name__}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
         raise ValueError(f"n must be an even int >= 2 (half carry-flipping, half not), got {n!r} ({type(n).__name__})")
+    if n > MAX_PAIRS:
+        raise ValueError(f"n must be at most {MAX_PAIRS:,} pairs (every patched variant runs all of them), got {n:,}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int (the same seed gives the same pairs), got {seed!r:.40} "
+                         f"({type(seed).__name__})")
     rng = random.Random(seed)
     wanted = {True: n // 2, False: n // 2}
     rows = []

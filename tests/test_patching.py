@@ -171,8 +171,39 @@ def test_patching_pairs_refuse_lists_of_different_lengths_and_same_sum_pairs():
         PatchingPairs(task, ((np.int64(5), 2),), ((1, 3),), (False,))
     with pytest.raises(ValueError, match="True or False"):
         PatchingPairs(task, ((1, 2),), ((1, 3),), (1,))
+    with pytest.raises(ValueError, match="clean must be a tuple or list"):
+        PatchingPairs(task, None, None, None)
+    for n, seed, message in [(10**30, 0, "n must be at most 100,000"), (4, None, "seed must be an int"),
+                             (4, "x", "seed must be an int"), (4, float("nan"), "seed must be an int")]:
+        with pytest.raises(ValueError, match=message):  # 10**30 once looped for ever
+            make_pairs(task, n, seed)
     pairs = PatchingPairs(task, [[1, 2]], [(1, 3)], [False])
     assert pairs.clean == ((1, 2),) and pairs.corrupted == ((1, 3),) and len(pairs) == 1
+
+
+def test_curves_and_needed_for_refuse_counts_that_do_not_fit(tiny_model_and_pairs):
+    model, pairs = tiny_model_and_pairs
+    with pytest.raises(ValueError, match="pairs must be PatchingPairs"):
+        Patcher(model, "pairs", progress=False)
+    patcher = Patcher(model, pairs, progress=False)
+    effects = patcher.effects()
+    for call, message in [(lambda: patcher.edge_curve(effects, [-1]), "ks must be .* it holds -1"),  # kept all but one
+                          (lambda: patcher.head_curve(effects, [-1]), "ks must be .* it holds -1"),
+                          (lambda: patcher.head_curve(effects, [1.5]), "it holds 1.5 \\(float\\)"),
+                          (lambda: patcher.edge_curve(effects, []), "got an empty list"),
+                          (lambda: patcher.edge_curve(effects, 5), "ks must be .* got int"),
+                          (lambda: patcher.edge_curve("effects", [1]), "effects must be the PatchingEffects"),
+                          (lambda: patcher.curves(None), "effects must be the PatchingEffects"),
+                          (lambda: patcher.run([[1]]), "keep must be a tensor"),
+                          (lambda: needed_for([0, 1, 2], torch.tensor([0.1, 0.95])), "one value per k \\(3\\)"),
+                          (lambda: needed_for([0, 1], torch.tensor([0.1, 0.5, 0.95])), "one value per k \\(2\\)"),
+                          (lambda: needed_for([2, 1, 0], torch.tensor([0.95, 0.95, 0.1])), "strictly ascending"),
+                          (lambda: needed_for([0, 1], [0.1, 0.95]), "explained must be a 1-D tensor"),
+                          (lambda: needed_for([0, 1], torch.tensor([0.1, 0.95]), float("nan")), "level must be a finite"),
+                          (lambda: needed_for(["a", "b"], torch.tensor([0.1, 0.95])), "it holds 'a'"),
+                          (lambda: needed_for([], torch.tensor([])), "got an empty list")]:
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 def test_functions_that_take_tokens_refuse_another_tasks_tokens(tiny_config):
