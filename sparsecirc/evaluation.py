@@ -49,15 +49,29 @@ def check_tokens(model, tokens: torch.Tensor, task: AdditionTask | None = None) 
 
 def answer_logits(model, tokens: torch.Tensor, task: AdditionTask) -> torch.Tensor:
     """Logits at the answer slots: tokens ``[batch, seq_len]`` -> ``[batch, answer_digits, d_vocab]``."""
+    if not isinstance(task, AdditionTask):
+        raise ValueError(f"task must be an AdditionTask (it says where the answer slots are), got {type(task).__name__}")
     check_tokens(model, tokens, task)
     if isinstance(model, GatedTransformer) and not model.has_user_hooks():
         return model(tokens, output_from=task.prompt_len)  # the last layer computes only the answer slots
     return model(tokens)[:, task.prompt_len:, :]
 
 
+def _describe(value) -> str:
+    return f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over answer slots: logits ``[batch, answer_digits, d_vocab]``,
     targets ``[batch, answer_digits]``."""
+    if (not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor) or logits.ndim != 3
+            or tuple(targets.shape) != tuple(logits.shape[:2]) or len(targets) == 0 or targets.dtype != torch.long
+            or not logits.is_floating_point()):
+        raise ValueError(f"need float logits [batch >= 1, answer_digits, d_vocab] and long targets [batch, answer_digits], "
+                         f"got {_describe(logits)} and {_describe(targets)}")
+    if int(targets.min()) < 0 or int(targets.max()) >= logits.shape[-1]:
+        raise ValueError(f"targets must be token ids in 0..{logits.shape[-1] - 1}, got "
+                         f"{int(targets.min())}..{int(targets.max())}")
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 

@@ -28,7 +28,7 @@ from .circuit import edge_usage
 from .data import AdditionSplit, sample_pairs
 from .evaluation import answer_logits, answer_loss, check_task, evaluate
 from .sparse_attention import gate_bias_of, set_gate_bias, sparse_attention
-from .training import PROGRESS_INTERVAL, check_field_types
+from .training import MAX_BATCH_SIZE, PROGRESS_INTERVAL, check_field_types
 
 PUSH_TOLERANCE = 0.1  # closed gates: relu(logit + margin), summed per input, may average this much
 
@@ -138,6 +138,10 @@ class SparsifyConfig:
             raise ValueError(f"replay_size must be >= 0 (0: no replay of failed problems), got {self.replay_size}")
         if not isinstance(self.prune_needs_bar, bool):
             raise ValueError(f"prune_needs_bar must be True or False, got {self.prune_needs_bar!r}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be at most {MAX_BATCH_SIZE:,}, got {self.batch_size:,}")
+        if not 0 <= self.seed < 2**63 - 1:  # seed + 1 seeds the gates' generator
+            raise ValueError(f"seed must be an int in 0..2**63-2, got {self.seed}")
         if self.verify_steps < 0:
             raise ValueError(f"verify_steps must be >= 0 (0: closures are not verified), got {self.verify_steps}")
         if self.edge_budget <= 0:
@@ -195,14 +199,21 @@ class LagrangeMultiplier:
 
     def __init__(self, tau: float, init: float = 1.0, lr: float = 0.02, ema: float = 0.9,
                  minimum: float = 1e-3, maximum: float = 1e4):
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
+        numbers = {"tau": tau, "init": init, "lr": lr, "ema": ema, "minimum": minimum, "maximum": maximum}
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if tau <= 0 or lr < 0 or not 0 <= ema < 1 or not 0 < minimum <= init <= maximum:
+            raise ValueError(f"need tau > 0, lr >= 0, 0 <= ema < 1 and 0 < minimum <= init <= maximum, got {numbers}")
         self.tau, self.lr, self.ema, self.minimum, self.maximum = tau, lr, ema, minimum, maximum
         self.value = float(init)
         self.constraint_ema: float | None = None
 
     def update(self, ce: float) -> float:
         """Feed this step's CE; returns the new multiplier."""
+        if isinstance(ce, bool) or not isinstance(ce, (int, float)) or not math.isfinite(ce):
+            raise ValueError(f"the constraint's loss must be a finite number, got {ce!r} (a NaN or infinite loss: the "
+                             f"run diverged; try a smaller lr)")
         constraint = ce - self.tau
         self.constraint_ema = constraint if self.constraint_ema is None else (
             self.ema * self.constraint_ema + (1 - self.ema) * constraint)
@@ -296,6 +307,12 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     the last row's ``warnings`` lists what the run missed (:func:`missed_bar`), each also issued as a
     :class:`SparsifyWarning`. The model is a sparse model from then on: every forward pass runs with its gates at ``config.gate_bias``.
     """
+    if not isinstance(split, AdditionSplit) or not isinstance(config, SparsifyConfig):
+        raise ValueError(f"sparsify needs an AdditionSplit and a SparsifyConfig, got {type(split).__name__} and "
+                         f"{type(config).__name__}")
+    if base is not None and (isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base)
+                             or base < 0):
+        raise ValueError(f"base (the base model's training loss) must be a finite number >= 0, got {base!r}")
     if gate_bias_of(model) is not None:
         raise ValueError(f"this model is already sparse (gate_bias {gate_bias_of(model)}); sparsify starts from a "
                          f"dense base model")

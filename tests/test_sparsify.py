@@ -65,6 +65,16 @@ def test_bad_sparsify_configs():
         SparsifyConfig(prune_needs_bar=1)
     with pytest.raises(ValueError, match="multiplier_lr"):
         SparsifyConfig(multiplier_lr=-0.01)
+    for bad in ({"batch_size": 10**12}, {"seed": -1}, {"seed": 2**63}):
+        with pytest.raises(ValueError, match="batch_size|seed"):
+            SparsifyConfig(**bad)
+    for bad in ({"tau": float("nan")}, {"tau": float("inf")}, {"init": float("nan")}, {"init": -1.0}, {"init": "1"},
+                {"lr": float("nan")}, {"ema": 2.0}, {"minimum": 5.0, "maximum": 1.0}, {"tau": "x"}):
+        with pytest.raises(ValueError):
+            LagrangeMultiplier(**{"tau": 0.1, **bad})
+    for ce in (float("nan"), float("inf"), "x"):
+        with pytest.raises(ValueError, match="finite number"):
+            LagrangeMultiplier(0.1).update(ce)
     fixed = LagrangeMultiplier(tau=0.1, init=100.0, lr=0.0, minimum=10.0)  # multiplier_lr=0: a fixed penalty weight
     assert [fixed.update(ce) for ce in (1.0, 0.0, 1.0)] == [100.0] * 3
     with pytest.raises(ValueError, match="tau"):
@@ -351,3 +361,14 @@ def test_the_problems_an_evaluation_got_wrong_are_replayed_in_each_batch(tiny_co
     for batch in batches[10:]:
         replayed = [tuple(row.tolist()) for row in batch[16:]]
         assert len(set(replayed)) == replay_size and set(replayed) <= wrong_tokens
+
+
+def test_sparsify_refuses_what_is_not_a_split_a_config_or_a_loss(tiny_config, tiny_split):
+    model = build_model(tiny_config)
+    for args, kwargs in (((model, "split"), {}), ((model, tiny_split, "x"), {}),
+                         ((model, tiny_split, SparsifyConfig(steps=1)), {"base": float("nan")}),
+                         ((model, tiny_split, SparsifyConfig(steps=1)), {"base": "x"})):
+        with pytest.raises(ValueError, match="AdditionSplit|base"):
+            sparsify(*args, progress=False, **kwargs)
+    from sparsecirc.sparse_attention import gate_bias_of
+    assert gate_bias_of(model) is None  # refused before the model became sparse

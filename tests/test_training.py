@@ -78,3 +78,20 @@ def test_eval_size_must_be_positive():
     for make in (TrainConfig, SparsifyConfig):
         with pytest.raises(ValueError, match="eval_size"):
             make(eval_size=0)
+
+
+def test_answer_loss_and_logits_refuse_what_does_not_fit(tiny_config, tiny_split):
+    from sparsecirc.evaluation import answer_logits, answer_loss
+
+    logits = torch.zeros(1, 2, 13)
+    for bad_logits, bad_targets in (([[0.0]], torch.zeros(1, 2, dtype=torch.long)),
+                                    (logits, torch.zeros(1, 2)),  # float targets
+                                    (logits, torch.full((1, 2), 13)),  # outside the vocabulary
+                                    (torch.zeros(0, 2, 13), torch.zeros(0, 2, dtype=torch.long)),  # no problems: NaN
+                                    (logits, torch.zeros(1, 3, dtype=torch.long))):
+        with pytest.raises(ValueError, match="logits|targets"):
+            answer_loss(bad_logits, bad_targets)
+    model = build_model(tiny_config)
+    tokens, _ = tiny_split.task.batch(list(tiny_split.test))
+    with pytest.raises(ValueError, match="task must be an AdditionTask"):
+        answer_logits(model, tokens, None)
