@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 import torch
 
 from .circuit_size import needed_for
@@ -228,8 +228,10 @@ def plot_recipe_ablation(rows: list[dict], max_edges: float = 10.0, min_exact_ma
     ax_edges.axvline(max_edges, color="tab:red", ls="--", lw=1)
     ax_edges.set(xscale="log", xlabel="open edges per input (all problems)", yticks=range(len(variants)),
                  yticklabels=variants, title=f"circuit size (dashed: the bar, {max_edges:g})")
+    low, high = min(row["edges_mean"] for row in rows), max(row["edges_mean"] for row in rows)
+    ax_edges.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if low / 2 <= t <= high * 2])
     ax_edges.xaxis.set_major_formatter(ScalarFormatter())
-    ax_edges.xaxis.set_minor_formatter(ScalarFormatter())
+    ax_edges.xaxis.set_minor_formatter(NullFormatter())
     ax_wrong.axvline((1 - min_exact_match) * n, color="tab:red", ls="--", lw=1)
     ax_wrong.set(xscale="symlog", xlabel=f"problems answered wrong (of {n:,})",
                  title=f"accuracy (dashed: the bar, {min_exact_match:.1%} right)")
