@@ -23,7 +23,7 @@ from .sparsify import SparsifyConfig, SparsifyWarning, sparsify
 from .training import TrainConfig, train
 
 
-EXIT_BAD_INPUT, EXIT_MISSED_BAR = 2, 3  # with 0 (done) and 1 (a bug), documented in the README ("Command line")
+EXIT_BAD_INPUT, EXIT_MISSED_BAR, EXIT_USAGE = 2, 3, 64  # with 0 (done) and 1 (a bug); 64 is sysexits' EX_USAGE. README, "Command line"
 
 
 class UsageError(Exception):
@@ -252,16 +252,16 @@ def _asks_for_json(argv) -> bool:
 
 
 def main(argv=None) -> int:
-    """Run one command; the exit code is 0 (done), ``EXIT_BAD_INPUT`` (a usage error, refused
-    input or a file that cannot be read or written), ``EXIT_MISSED_BAR`` (``--strict`` and the
-    run missed its bar) or, for a bug, the traceback's 1."""
+    """Run one command; the exit code is 0 (done), ``EXIT_USAGE`` (a command line argparse refuses),
+    ``EXIT_BAD_INPUT`` (refused input, or a file that cannot be read or written), ``EXIT_MISSED_BAR``
+    (``--strict`` and the run missed its bar) or, for a bug, the traceback's 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except UsageError as err:
         print(err.usage, end="", file=sys.stderr)
         _report(str(err), "usage", _asks_for_json(argv))
-        return EXIT_BAD_INPUT
+        return EXIT_USAGE
     on_main_thread = threading.current_thread() is threading.main_thread()  # signals are only set there
     previous = signal.getsignal(signal.SIGTERM)
     if on_main_thread:
