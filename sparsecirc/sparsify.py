@@ -37,10 +37,10 @@ PUSH_TOLERANCE = 0.1  # closed gates: relu(logit + margin), summed per input, ma
 class SparsifyConfig:
     """Settings of the constrained fine-tuning.
 
-    ``tau`` is the base model's training loss plus ``early_slack`` until the first pruning pass
-    (``prune_at``), then plus ``slack``: the looser start lets the search close more edges while
-    the circuit is still forming, and the pruning pass then buys the accuracy back with the
-    edges that remain. In the last
+    ``tau`` is the base model's training loss plus ``early_slack`` until the pruning window opens
+    (``prune_at``, a fraction of the steps), then plus ``slack``: the looser start lets the search
+    close more edges while the circuit is still forming, and the tighter target then buys the
+    accuracy back with the edges that remain. In the last
     ``decay_fraction`` of the ``steps`` the learning rate falls linearly to ``final_lr_scale``
     times ``lr`` and tau tightens linearly to the base loss plus ``final_slack``: the circuit
     stops moving and the multiplier buys back the last errors with as few edges as it can
