@@ -13,12 +13,12 @@ an edge that is both residual and attention. Graph attributes: ``problem``, ``pr
 
 from __future__ import annotations
 
-import operator
 
 import networkx as nx
 import torch
 
 from .data import VOCAB, AdditionTask
+from .checks import as_int
 from .evaluation import check_task
 from .sparse_attention import analysis_run, attention_shape, batch_slices
 
@@ -109,10 +109,7 @@ def check_positions(graph: nx.DiGraph, positions) -> list[int]:
         raise ValueError(f"positions must be {allowed}, got {type(positions).__name__} {positions!r:.40}")
     checked = []
     for p in positions:
-        try:
-            number = None if isinstance(p, bool) else operator.index(p)
-        except TypeError:
-            number = None
+        number = as_int(p)
         if number is None:
             raise ValueError(f"positions must be {allowed}; {p!r:.40} ({type(p).__name__}) is not an int")
         checked.append(number)

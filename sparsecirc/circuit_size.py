@@ -12,12 +12,12 @@ Heads and edges are ranked with the MLPs left unpatched (they recompute from wha
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .checks import as_int
 from .evaluation import check_task
 from .gates import causal_mask, n_causal_pairs
 from .patching import PatchingPairs, logit_difference, patched_logits, record_attention
@@ -158,10 +158,7 @@ def _check_ks(ks, allowed: str, largest: int | None = None) -> list[int]:
         raise ValueError(f"{allowed}, got {type(ks).__name__} {ks!r:.40}")
     checked = []
     for k in ks:
-        try:
-            number = None if isinstance(k, bool) else operator.index(k)
-        except TypeError:
-            number = None
+        number = as_int(k)
         if number is None or number < 0 or (largest is not None and number > largest):
             raise ValueError(f"{allowed}; it holds {k!r:.40} ({type(k).__name__})")
         checked.append(number)
