@@ -335,7 +335,7 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                                     config.constraint_ema, config.multiplier_min, config.multiplier_max)
     history, start, best, closed = [], time.perf_counter(), None, None
     train_operands = task.operand_tensor(train_sample)  # [n, 2]
-    replay = train_operands[:0]  # [n, 2]: problems the last evaluation answered wrong (at most replay_size)
+    replay = None  # (tokens, targets) of up to replay_size problems the last evaluation answered wrong
     needed = None  # edges a failed pass closed: never closed again
     pending = None  # the latest pass, not yet verified: (step, state just before it, edges it closed)
 
@@ -348,9 +348,8 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
         for step in bar:
             index = torch.randint(len(tokens), (config.batch_size,), generator=batch_generator)
             batch_tokens, batch_targets = tokens[index], targets[index]
-            if len(replay):  # the problems the last evaluation got wrong, once each, on top of the batch
-                replay_tokens, replay_targets = task.encode_operands(replay[:, 0], replay[:, 1])
-                batch_tokens, batch_targets = torch.cat([batch_tokens, replay_tokens]), torch.cat([batch_targets, replay_targets])
+            if replay is not None:  # the problems the last evaluation got wrong, once each, on top of the batch
+                batch_tokens, batch_targets = torch.cat([batch_tokens, replay[0]]), torch.cat([batch_targets, replay[1]])
             lam, multiplier.tau = multiplier.value, config.tau(base, step)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * config.lr_scale(step)
@@ -369,8 +368,9 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                            test_exact_match=on_test.exact_match, test_loss=on_test.loss, test_edges=on_test.mean_open_edges)
                 if config.replay_size:
                     order = torch.randperm(len(on_train.wrong), generator=batch_generator)[:config.replay_size]
-                    replay = train_operands[on_train.wrong[order]]
-                    row["replayed"] = len(replay)
+                    wrong = train_operands[on_train.wrong[order]]  # [n, 2], encoded once per evaluation
+                    replay = task.encode_operands(wrong[:, 0], wrong[:, 1]) if len(wrong) else None
+                    row["replayed"] = len(wrong)
                 if on_train.exact_match >= config.select_accuracy and (best is None or on_train.mean_open_edges <= best[0]):
                     best = (on_train.mean_open_edges, step, copy.deepcopy(model.state_dict()))
                 if pending is not None and step > pending[0]:
