@@ -102,7 +102,7 @@ def cmd_train(args) -> dict:
                          n_heads=args.n_heads, d_head=args.d_head, d_model=args.d_model, d_mlp=args.d_mlp,
                          seed=args.seed)
     train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
-                               eval_size=args.eval_size, seed=args.seed)
+                               eval_size=args.eval_size, curve_size=args.curve_size, seed=args.seed)
     out = _output_path(args.out, f"{config.name}_base.pt", "cli_train", args.force)
     model = build_model(config)
     start = time.perf_counter()
@@ -199,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
     p.add_argument("--max-steps", type=int, default=train_defaults.max_steps)
     p.add_argument("--eval-size", type=int, default=train_defaults.eval_size,
-                   help="training and held-out problems evaluated during the run, a fixed seeded sample "
-                        "(the whole split if it is no larger); everything is evaluated once at the end")
+                   help="training problems the stopping rule is checked on, a fixed seeded sample (the whole "
+                        "split if it is no larger), once the curve's sample meets the target; everything is "
+                        "evaluated once at the end")
+    p.add_argument("--curve-size", type=int, default=train_defaults.curve_size,
+                   help="training and held-out problems evaluated every 50 steps for the learning curve")
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")
     p.set_defaults(run=cmd_train)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import VOCAB, AdditionTask
+from .memory import keep_freed_memory
 from .model import task_of
 from .sparse_attention import analysis_run, batch_slices, check_attention_hooks
 from .transformer import GatedTransformer
@@ -129,7 +130,7 @@ def evaluate(model, task: AdditionTask, pairs, *, gate_bias: float | None = None
     open_edges, wrong_positions = [], []
     shared = (isinstance(model, GatedTransformer) and not model.has_user_hooks()
               and task.operand_digits <= MAX_SHARED_PREFIX_DIGITS)
-    with analysis_run(model, gate_bias=gate_bias, dense=dense, edge_mask=edge_mask) as gates:
+    with keep_freed_memory(), analysis_run(model, gate_bias=gate_bias, dense=dense, edge_mask=edge_mask) as gates:
         counts_edges = gates.mode != "dense" or edge_mask is not None
         for part in slices:
             chunk = operands[part]

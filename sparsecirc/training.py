@@ -38,10 +38,15 @@ class TrainConfig:
     """Optimiser and schedule. Stops when the *training* split reaches ``target_accuracy``
     exact match (the held-out split never steers training) or after ``max_steps``.
 
-    Every ``eval_every`` steps the run evaluates a fixed sample of ``eval_size`` training and
-    ``eval_size`` held-out problems drawn with ``seed`` (a split no larger is evaluated whole:
-    the 2-digit split of 9,000 + 1,000 always is, so notebook 02 reproduces). Whole splits and
-    all problems are evaluated once, at the end, by the caller (``python -m sparsecirc train``)."""
+    Every ``eval_every`` steps the run evaluates a fixed sample of ``curve_size`` training and
+    ``curve_size`` held-out problems drawn with ``seed``: the learning curve (the training sample
+    is drawn from the stopping rule's, below, and is all of it if that is no larger). When the training
+    sample reaches ``target_accuracy``, the stopping rule is checked on a larger fixed sample of
+    ``eval_size`` training problems (a split no larger is evaluated whole: the 2-digit split of
+    9,000 always is), which holds the curve's sample; so with the default target of 1.0 the run
+    stops at the first evaluation where all ``eval_size`` are right, as if they were evaluated
+    every time. Whole splits and all problems are evaluated once, at the end, by the caller
+    (``python -m sparsecirc train``)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -50,14 +55,16 @@ class TrainConfig:
     eval_every: int = 50
     target_accuracy: float = 1.0
     eval_size: int = 10_000
+    curve_size: int = 1_000
     seed: int = 0
 
     def __post_init__(self):
         check_field_types(self)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.lr <= 0 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1 or self.eval_size < 1:
-            raise ValueError(f"lr, batch_size, max_steps, eval_every and eval_size must be positive: {self}")
+        if (self.lr <= 0 or self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1 or self.eval_size < 1
+                or self.curve_size < 1):
+            raise ValueError(f"lr, batch_size, max_steps, eval_every, eval_size and curve_size must be positive: {self}")
         if self.batch_size > MAX_BATCH_SIZE:
             raise ValueError(f"batch_size must be at most {MAX_BATCH_SIZE:,} (a batch is sampled from the training "
                              f"split, which holds at most that many problems), got {self.batch_size:,}")
@@ -82,7 +89,8 @@ def train_step(model, optimizer, tokens: torch.Tensor, targets: torch.Tensor, ta
 def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), progress: bool = True) -> list[dict]:
     """Train ``model`` in place on ``split.train``. Returns the history: one dict per
     evaluation with ``step``, ``seconds``, ``train_loss`` (running mean since the last
-    evaluation), and train/test ``loss`` and ``exact_match`` on the evaluation samples."""
+    evaluation), train/test ``loss`` and ``exact_match`` on the curve's samples, and, where the
+    stopping rule was checked, ``stop_exact_match`` on its ``eval_size`` training problems."""
     if not isinstance(split, AdditionSplit):
         raise ValueError(f"split must be an AdditionSplit (see make_split, load_split), got {type(split).__name__}")
     if not isinstance(config, TrainConfig):
@@ -92,8 +100,9 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
     if gate_bias_of(model) is not None:
         raise ValueError(f"this is a sparse model (gate_bias {gate_bias_of(model)}); train trains dense base models")
     train_tokens, train_targets = task.batch(list(split.train))
-    train_sample = sample_pairs(split.train, config.eval_size, config.seed)  # steers the stopping rule
-    test_sample = sample_pairs(split.test, config.eval_size, config.seed)  # only reported
+    stop_sample = sample_pairs(split.train, config.eval_size, config.seed)  # steers the stopping rule
+    train_sample = sample_pairs(stop_sample, config.curve_size, config.seed)  # the curve; a subset of stop_sample
+    test_sample = sample_pairs(split.test, config.curve_size, config.seed)  # only reported
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     history, running, start = [], [], time.perf_counter()
@@ -106,16 +115,20 @@ def train(model, split: AdditionSplit, config: TrainConfig = TrainConfig(), prog
             if step % config.eval_every == 0 or step == config.max_steps:
                 on_train = evaluate(model, task, train_sample)
                 on_test = evaluate(model, task, test_sample)
-                history.append({
-                    "step": step, "seconds": time.perf_counter() - start,
-                    "train_loss": sum(running) / len(running),
-                    "train_eval_loss": on_train.loss, "train_exact_match": on_train.exact_match,
-                    "test_loss": on_test.loss, "test_exact_match": on_test.exact_match,
-                })
+                stop = None
+                if on_train.exact_match >= config.target_accuracy:  # stop_sample holds train_sample: it can meet
+                    # a target of 1.0 only if train_sample does, so it is evaluated only then
+                    stop = on_train if stop_sample == train_sample else evaluate(model, task, stop_sample)
+                row = {"step": step, "seconds": time.perf_counter() - start, "train_loss": sum(running) / len(running),
+                       "train_eval_loss": on_train.loss, "train_exact_match": on_train.exact_match,
+                       "test_loss": on_test.loss, "test_exact_match": on_test.exact_match}
+                if stop is not None:
+                    row["stop_exact_match"] = stop.exact_match
+                history.append(row)
                 running = []
                 bar.set_postfix(loss=f"{on_train.loss:.4f}", train=f"{on_train.exact_match:.4f}",
                                 test=f"{on_test.exact_match:.4f}")
-                if on_train.exact_match >= config.target_accuracy:
+                if stop is not None and stop.exact_match >= config.target_accuracy:
                     break
         bar.close()
     finally:

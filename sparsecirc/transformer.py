@@ -134,7 +134,12 @@ class MLP(nn.Module):
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x):
-        return self.out(self.hook_post(self.act(self.hook_pre(getattr(self, "in")(x)))))
+        pre = self.hook_pre(getattr(self, "in")(x))
+        if self.act is F.relu and not pre.requires_grad and not self.hook_pre._forward_hooks:
+            post = F.relu_(pre)  # no graph or hook holds pre: reuse its buffer (a fresh one meets cold memory)
+        else:
+            post = self.act(pre)
+        return self.out(self.hook_post(post))
 
 
 class Block(nn.Module):

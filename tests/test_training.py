@@ -95,3 +95,24 @@ def test_answer_loss_and_logits_refuse_what_does_not_fit(tiny_config, tiny_split
     tokens, _ = tiny_split.task.batch(list(tiny_split.test))
     with pytest.raises(ValueError, match="task must be an AdditionTask"):
         answer_logits(model, tokens, None)
+
+
+def test_a_small_curve_sample_stops_where_the_whole_stopping_sample_would(tiny_config, tiny_split):
+    """The curve is evaluated on a few problems; the stopping rule (target 1.0) on all of
+    ``eval_size``, checked only when the curve's sample is all right, which it must be then: the
+    run stops at the same step, with the same weights, as one evaluating all of them every time."""
+    def run(curve_size):
+        model = build_model(tiny_config)
+        config = TrainConfig(lr=3e-3, batch_size=64, max_steps=2000, eval_every=10, curve_size=curve_size)
+        return model, train(model, tiny_split, config, progress=False)
+
+    small, small_history = run(curve_size=5)
+    whole, whole_history = run(curve_size=len(tiny_split.train))
+    assert whole_history[-1]["step"] < 2000 and whole_history[-1]["stop_exact_match"] == 1.0
+    assert [h["step"] for h in small_history] == [h["step"] for h in whole_history]
+    checked = [h for h in small_history if "stop_exact_match" in h]
+    assert checked[-1] is small_history[-1] and checked[-1]["stop_exact_match"] == 1.0
+    assert all(h["train_exact_match"] == 1.0 for h in checked)  # checked only when the curve's sample was right
+    assert any(h["stop_exact_match"] < 1.0 for h in checked[:-1])  # the small sample alone would have stopped early
+    for (name, a), b in zip(small.state_dict().items(), whole.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -120,3 +120,29 @@ def test_building_a_model_leaves_the_global_rng_alone(tiny_config):
     torch.manual_seed(123)
     build_model(tiny_config)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_in_place_relu_never_reaches_what_a_hook_or_the_graph_holds(tiny_config):
+    """Without gradients or a hook on ``hook_pre`` the MLP applies its ReLU in place; a cached
+    pre-activation keeps its negative values, and all three routes give the same logits."""
+    model = build_model(tiny_config)
+    tokens, _ = AdditionTask(1, 2).batch([(3, 4), (9, 9), (0, 5)])
+    with torch.no_grad():
+        in_place = model(tokens)
+        cached_logits, cache = model.run_with_cache(tokens)
+    with_graph = model(tokens)
+    assert (cache["blocks.0.mlp.hook_pre"] < 0).any()
+    assert torch.equal(cache["blocks.0.mlp.hook_post"], torch.relu(cache["blocks.0.mlp.hook_pre"]))
+    assert torch.equal(in_place, cached_logits) and torch.equal(in_place, with_graph.detach())
+
+
+def test_freed_memory_is_kept_only_inside_the_outermost_block():
+    from sparsecirc import memory
+
+    assert memory._depth == 0
+    with pytest.raises(RuntimeError, match="inside"):
+        with memory.keep_freed_memory():
+            with memory.keep_freed_memory():
+                assert memory._depth == (2 if memory._LIBC is not None else 0)
+            raise RuntimeError("inside")
+    assert memory._depth == 0  # left even by an exception
