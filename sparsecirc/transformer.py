@@ -35,6 +35,7 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -134,12 +135,19 @@ class MLP(nn.Module):
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x):
-        pre = self.hook_pre(getattr(self, "in")(x))
-        if self.act is F.relu and not pre.requires_grad and not self.hook_pre._forward_hooks:
-            post = F.relu_(pre)  # no graph or hook holds pre: reuse its buffer (a fresh one meets cold memory)
+        linear_in = getattr(self, "in")
+        pre = self.hook_pre(linear_in(x))
+        if self.act is F.relu and not pre.requires_grad and not self._anything_may_hold(linear_in):
+            post = F.relu_(pre)  # nothing else holds pre: reuse its buffer (a fresh one meets cold memory)
         else:
             post = self.act(pre)
         return self.out(self.hook_post(post))
+
+    def _anything_may_hold(self, linear_in) -> bool:
+        """Whether a hook may keep the pre-activation: on ``hook_pre``, on the ``in`` layer whose
+        output it is, or a global torch module hook."""
+        return bool(self.hook_pre._forward_hooks or self.hook_pre._forward_pre_hooks or linear_in._forward_hooks
+                    or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 class Block(nn.Module):

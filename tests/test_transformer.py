@@ -131,6 +131,14 @@ def test_the_in_place_relu_never_reaches_what_a_hook_or_the_graph_holds(tiny_con
         in_place = model(tokens)
         cached_logits, cache = model.run_with_cache(tokens)
     with_graph = model(tokens)
+    kept = []  # a plain torch hook on the layer whose output the pre-activation is
+    handle = getattr(model.blocks[0].mlp, "in").register_forward_hook(lambda module, inputs, output: kept.append(output))
+    try:
+        with torch.no_grad():
+            hooked = model(tokens)
+    finally:
+        handle.remove()
+    assert (kept[0] < 0).any() and torch.equal(hooked, in_place)
     assert (cache["blocks.0.mlp.hook_pre"] < 0).any()
     assert torch.equal(cache["blocks.0.mlp.hook_post"], torch.relu(cache["blocks.0.mlp.hook_pre"]))
     assert torch.equal(in_place, cached_logits) and torch.equal(in_place, with_graph.detach())
@@ -143,6 +151,6 @@ def test_freed_memory_is_kept_only_inside_the_outermost_block():
     with pytest.raises(RuntimeError, match="inside"):
         with memory.keep_freed_memory():
             with memory.keep_freed_memory():
-                assert memory._depth == (2 if memory._LIBC is not None else 0)
+                assert memory._depth == (2 if memory._GLIBC is not None else 0)
             raise RuntimeError("inside")
     assert memory._depth == 0  # left even by an exception
