@@ -49,7 +49,7 @@ def code_version() -> str:
     return (commit or "unknown") + ("+changes" if changed.strip() else "")
 
 
-def run_one(seed: int, threads: int, out: Path, digits: int = 2) -> dict:
+def run_one(seed: int, threads: int, out: Path, digits: int = 2, code: str = "unknown") -> dict:
     """One sparsify run in its own process with ``threads`` threads; its CLI metrics plus wall time."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     checkpoint = out / f"sparse_d{digits}_seed{seed}_threads{threads}.pt"
@@ -63,7 +63,7 @@ def run_one(seed: int, threads: int, out: Path, digits: int = 2) -> dict:
         raise RuntimeError(f"seed {seed}, {threads} threads failed ({done.returncode}):\n{done.stderr[-2000:]}")
     metrics = json.loads(done.stdout)
     on_all = metrics["all"]
-    return {"digits": digits, "code": code_version(), "seed": seed, "threads": threads, "edges_mean": on_all["mean_open_edges"],
+    return {"digits": digits, "code": code, "seed": seed, "threads": threads, "edges_mean": on_all["mean_open_edges"],
             "edges_min": on_all["open_edges_min"], "edges_max": on_all["open_edges_max"],
             "edges_per_layer": on_all["open_edges_per_layer"], "exact_match": on_all["exact_match"],
             "n_failures": on_all["n_failures"], "held_out_exact_match": metrics["test"]["exact_match"],
@@ -113,7 +113,7 @@ def main():
     args = parser.parse_args()
     if any(t < 1 for t in args.threads):
         parser.error(f"--threads must be positive, got {args.threads}")
-    rows = []
+    rows, code = [], code_version()
     for path in args.include:  # checked before anything is written
         try:
             earlier = json.loads(path.read_text())["rows"]
@@ -122,8 +122,8 @@ def main():
         if any(row.get("digits", 2) != args.digits for row in earlier):
             parser.error(f"{path} holds runs of another number of digits than --digits {args.digits}")
         rows += earlier
-        if args.seeds and any(row.get("code") != code_version() for row in earlier):
-            parser.error(f"{path} holds runs of other code than this checkout's ({code_version()}): a table mixes "
+        if args.seeds and any(row.get("code") != code for row in earlier):
+            parser.error(f"{path} holds runs of other code than this checkout's ({code}): a table mixes "
                          f"one recipe only")
     runs = [(row["seed"], row["threads"]) for row in rows] + [(s, t) for s in args.seeds for t in args.threads]
     if not runs:
@@ -134,7 +134,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for threads in args.threads:
-            rows.append(run_one(seed, threads, out, args.digits))
+            rows.append(run_one(seed, threads, out, args.digits, code))
             print(f"seed {seed}, {threads} threads: {rows[-1]['edges_mean']:.2f} edges per input, "
                   f"exact match {rows[-1]['exact_match']:.2%}, {rows[-1]['wall_seconds']:.0f} s", flush=True)
             write_text(out / "results.json", json.dumps({"rows": rows, "summary": summarise(rows, args.digits)}, indent=2))
