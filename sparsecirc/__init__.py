@@ -20,6 +20,7 @@ Modules, one idea each:
     circuit_plots  Figure-1-style drawings of circuit graphs; saving PNG + SVG
     patching    clean/corrupted pairs, the metric, batched patching of heads, MLPs, edges
     circuit_size  effects, explained-effect curves, heads and edges needed
+    discovery   faithfulness; EAP, EAP-IG and ACDC on attention edges beside the sparse read-off
     explorer    one problem through both models, edges closed by hand (ipywidgets)
 """
 

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 from .checks import as_int
 from .evaluation import check_task
 from .gates import causal_mask, n_causal_pairs
-from .patching import PatchingPairs, logit_difference, patched_logits, record_attention
+from .patching import PatchingPairs, logit_difference, mean_record, patched_logits, record_attention
+
+ABLATIONS = ("corrupt", "mean")
 
 
 @dataclass
@@ -46,11 +48,15 @@ class Patcher:
     """Runs batches of patched variants of one set of pairs on one model."""
 
     def __init__(self, model, pairs: PatchingPairs, *, gate_bias: float | None = None, dense: bool = False,
-                 batch_limit: int = 4096, progress: bool = True):
+                 batch_limit: int = 4096, progress: bool = True, ablation: str = "corrupt"):
         """The model runs with its own gating (a sparse model: deterministic gates at its bias)
-        unless asked otherwise (``gate_bias=``, ``dense=True``)."""
+        unless asked otherwise (``gate_bias=``, ``dense=True``). ``ablation``: what a patched
+        term becomes, ``"corrupt"`` (its value in the pair's corrupted run) or ``"mean"`` (its
+        mean over the clean and corrupted problems of all pairs)."""
         if not isinstance(pairs, PatchingPairs):
             raise ValueError(f"pairs must be PatchingPairs (see make_pairs), got {type(pairs).__name__}")
+        if ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r:.40}")
         check_task(model, pairs.task)
         if isinstance(batch_limit, bool) or not isinstance(batch_limit, int) or batch_limit < 1:
             raise ValueError(f"batch_limit must be a positive int, got {batch_limit!r}")
@@ -59,8 +65,18 @@ class Patcher:
         self.clean_tokens, corrupted_tokens, self.clean_targets, self.corrupted_targets = pairs.tokens()
         self.clean_run = record_attention(model, self.clean_tokens, **self.gating)
         self.corrupted_run = record_attention(model, corrupted_tokens, **self.gating)
+        self.ablation, self.corrupted_attention = ablation, self.corrupted_run["A"]
+        if ablation == "mean":
+            self.corrupted_run = mean_record(model, torch.cat([self.clean_tokens, corrupted_tokens]), **self.gating)
         self.variants_per_pass = max(1, batch_limit // len(pairs))
         self.shape = (model.cfg.n_layers, model.cfg.n_heads, self.clean_tokens.shape[1], self.clean_tokens.shape[1])
+        self._endpoints = None
+
+    def endpoints(self) -> tuple[float, float]:
+        """Mean metric with every edge kept (the clean run) and with every edge patched."""
+        if self._endpoints is None:
+            self._endpoints = (float(self.run(torch.ones(1, *self.shape))[0]), float(self.run(torch.zeros(1, *self.shape))[0]))
+        return self._endpoints
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """Mean logit difference per variant: ``[variant * pair, pos, vocab] -> [variant]``."""
@@ -87,14 +103,13 @@ class Patcher:
 
     def edge_candidates(self) -> torch.Tensor:
         """``[layer, head, q, k]``: causal edges with attention in the clean or corrupted run of some pair."""
-        used = (self.clean_run["A"] > 0).any(0) | (self.corrupted_run["A"] > 0).any(0)
+        used = (self.clean_run["A"] > 0).any(0) | (self.corrupted_attention > 0).any(0)
         return used & causal_mask(self.shape[-1])
 
     def effects(self) -> PatchingEffects:
         n_layers, n_heads = self.shape[:2]
         everything = torch.ones(1, *self.shape)
-        clean = float(self.run(everything)[0])
-        corrupted = float(self.run(torch.zeros(1, *self.shape))[0])
+        clean, corrupted = self.endpoints()
         heads = torch.ones(n_layers * n_heads, *self.shape)
         for index in range(n_layers * n_heads):
             heads[index, index // n_heads, index % n_heads] = 0
@@ -119,11 +134,7 @@ class Patcher:
         """Explained effect keeping the top-``k`` edges by |effect|, for each ``k`` in ``ks``."""
         ks = self._check_curve(effects, ks, effects.edge_effects.numel() if isinstance(effects, PatchingEffects) else 0,
                                "edges")
-        order = effects.edge_effects.abs().flatten().argsort(descending=True, stable=True)
-        keep = torch.zeros(len(ks), order.numel())
-        for row, k in enumerate(ks):
-            keep[row, order[:k]] = 1
-        return self._explained(self.run(keep.view(len(ks), *self.shape), desc="edge curve"), effects)
+        return self._explained(self.run(top_edges(effects.edge_effects, ks), desc="edge curve"), effects)
 
     def head_curve(self, effects: PatchingEffects, ks: list[int]) -> torch.Tensor:
         """Explained effect keeping the top-``k`` heads by |effect|, for each ``k`` in ``ks``."""
@@ -149,6 +160,18 @@ class Patcher:
     @staticmethod
     def _explained(metric: torch.Tensor, effects: PatchingEffects) -> torch.Tensor:
         return (metric - effects.corrupted) / effects.full_effect
+
+
+def top_edges(scores: torch.Tensor, ks: list[int], allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep masks ``[len(ks), layer, head, query, key]``: row ``i`` keeps the ``ks[i]`` edges of
+    largest ``|scores|`` (``[layer, head, query, key]``; ties in index order), edges outside
+    ``allowed`` (booleans broadcasting to ``scores``) last."""
+    rank = scores.abs() if allowed is None else scores.abs().masked_fill(~allowed, -1.0)
+    order = rank.flatten().argsort(descending=True, stable=True)
+    keep = torch.zeros(len(ks), order.numel())
+    for row, k in enumerate(ks):
+        keep[row, order[:k]] = 1
+    return keep.view(len(ks), *scores.shape)
 
 
 def _check_ks(ks, allowed: str, largest: int | None = None) -> list[int]:

@@ -158,12 +158,22 @@ def record_attention(model, tokens: torch.Tensor, *, gate_bias: float | None = N
     return {kind: torch.stack(values, dim=1) for kind, values in record.items()} | {"logits": logits}
 
 
+def mean_record(model, tokens: torch.Tensor, *, gate_bias: float | None = None, dense: bool = False) -> dict:
+    """For mean ablation: the mean over ``tokens [batch, pos]`` of every edge's term ``A_ij v_j``,
+    ``messages [layer, head, query, key, d_head]``, and of every MLP's output ``mlp [1, layer, pos,
+    d_model]``, as :func:`patched_logits` takes them in place of a corrupted run."""
+    run = record_attention(model, tokens, gate_bias=gate_bias, dense=dense)
+    messages = torch.einsum("blhqk,blkhd->lhqkd", run["A"], run["v"]) / len(tokens)
+    return {"messages": messages, "mlp": run["mlp"].mean(0, keepdim=True)}
+
+
 def patched_logits(model, tokens: torch.Tensor, corrupted: dict, keep: torch.Tensor,
                    keep_mlp: torch.Tensor | None = None, *, gate_bias: float | None = None,
                    dense: bool = False) -> torch.Tensor:
     """Logits of the clean ``tokens [pair, pos]`` with patches, for several variants at once.
 
-    ``corrupted``: :func:`record_attention` of the corrupted tokens. ``keep [variant, layer, head,
+    ``corrupted``: :func:`record_attention` of the corrupted tokens, or :func:`mean_record` of
+    some reference tokens (mean ablation: every patched term gets its mean). ``keep [variant, layer, head,
     query, key]``: 1 keeps the run's own edge term, 0 puts in the corrupted one. ``keep_mlp
     [variant, layer]``: 0 replaces that MLP's output with the corrupted one (default: keep all).
     Returns ``[variant * pair, pos, vocab]`` (variant-major).
@@ -181,8 +191,11 @@ def patched_logits(model, tokens: torch.Tensor, corrupted: dict, keep: torch.Ten
     keep = keep.float().repeat_interleave(n_pairs, dim=0)  # [variant * pair, layer, head, q, k]
     keep_mlp = None if keep_mlp is None else keep_mlp.float().repeat_interleave(n_pairs, dim=0)
     tile = lambda t: t.repeat(n_variants, *[1] * (t.ndim - 1))  # noqa: E731  (pairs -> variants x pairs)
-    A_corrupted, v_corrupted = tile(corrupted["A"]), tile(corrupted["v"])
-    mlp_corrupted = tile(corrupted["mlp"])
+    means = "messages" in corrupted  # mean ablation: one value per edge and MLP, the same for every run
+    if means:
+        mlp_corrupted = corrupted["mlp"]  # [1, layer, pos, d_model]: broadcasts over the batch
+    else:
+        A_corrupted, v_corrupted, mlp_corrupted = tile(corrupted["A"]), tile(corrupted["v"]), tile(corrupted["mlp"])
     current = {}
 
     def store(kind, layer):
@@ -193,8 +206,10 @@ def patched_logits(model, tokens: torch.Tensor, corrupted: dict, keep: torch.Ten
     def mix_z(layer):
         def hook(z, hook):  # z: [batch, pos, head, d_head] = sum_k A[h, q, k] v[k, h]
             mask = keep[:, layer]
-            return (torch.einsum("bhqk,bkhd->bqhd", mask * current["A", layer], current["v", layer])
-                    + torch.einsum("bhqk,bkhd->bqhd", (1 - mask) * A_corrupted[:, layer], v_corrupted[:, layer]))
+            own = torch.einsum("bhqk,bkhd->bqhd", mask * current["A", layer], current["v", layer])
+            if means:
+                return own + torch.einsum("bhqk,hqkd->bqhd", 1 - mask, corrupted["messages"][layer])
+            return own + torch.einsum("bhqk,bkhd->bqhd", (1 - mask) * A_corrupted[:, layer], v_corrupted[:, layer])
         return hook
 
     def mix_mlp(layer):

@@ -1,0 +1,263 @@
+"""Circuit discovery on attention edges, beside the circuit read off a sparse model's gates.
+
+The unit is the sparse model's own: an attention edge (layer, head, query, key), the term
+``A_qk v_k`` that key ``k`` adds to query ``q``'s head output (:mod:`.patching`). A *circuit* is
+a keep mask ``[layer, head, query, key]``. Its faithfulness is the field's measure (ACDC,
+EAP-IG, Edge Pruning)::
+
+    faithfulness = (m(circuit) - m(empty)) / (m(full) - m(empty))
+
+where ``m`` is the mean logit difference of notebook 05 on clean/corrupted pairs and
+``m(circuit)`` runs the clean problems with every edge outside the circuit patched at once, to
+its corrupted value (``ablation="corrupt"``) or to its mean (``"mean"``; see
+:class:`~sparsecirc.circuit_size.Patcher`). MLPs and embeddings are not edges: they recompute
+from what reaches them. Methods:
+
+- :func:`attribution_scores`: EAP, one gradient per pair, and with ``ig_steps`` > 1 EAP-IG
+  (integrated gradients between the corrupted and the clean embeddings);
+- :func:`acdc`: the greedy search, removing edges in reverse topological order while the
+  faithfulness lost stays under a threshold;
+- :func:`read_off`: a sparse model's open edges, no search at all.
+
+EAP and EAP-IG rank edges; the circuit of size ``n`` is the top ``n`` by ``|score|``
+(:func:`faithfulness_curve`, :func:`edges_needed`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .checks import as_int
+from .circuit_size import Patcher, needed_for, top_edges
+from .gates import causal_mask, n_causal_pairs
+from .patching import PatchingPairs, logit_difference, record_attention
+from .evaluation import check_task
+from .sparse_attention import gate_bias_of
+
+LEVELS = (0.8, 0.9, 0.95)
+MAX_IG_STEPS = 1000
+
+
+def _check_patcher(patcher) -> Patcher:
+    if not isinstance(patcher, Patcher):
+        raise ValueError(f"patcher must be a sparsecirc.circuit_size.Patcher (Patcher(model, pairs)), got "
+                         f"{type(patcher).__name__}")
+    return patcher
+
+
+def check_circuit(patcher: Patcher, circuit) -> torch.Tensor:
+    """``circuit`` as a float keep mask ``[variant, layer, head, query, key]``; ``ValueError`` unless
+    it is a tensor of 0s and 1s (or booleans) of shape ``[layer, head, query, key]`` or with a
+    leading variant dim, keeping only causal edges (key <= query)."""
+    shape = tuple(patcher.shape)
+    if not isinstance(circuit, torch.Tensor):
+        raise ValueError(f"a circuit must be a tensor [layer, head, query, key] = {list(shape)} of 0s and 1s, got "
+                         f"{type(circuit).__name__}")
+    mask = circuit[None] if circuit.ndim == 4 else circuit
+    if mask.ndim != 5 or tuple(mask.shape[1:]) != shape or len(mask) == 0:
+        raise ValueError(f"a circuit must be [layer, head, query, key] = {list(shape)} (or [n, ...] for several), got "
+                         f"shape {list(circuit.shape)}")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("a circuit must hold only 0 (edge outside the circuit) and 1 (edge in it)")
+    outside = ~causal_mask(shape[-1], mask.device)
+    if mask[..., outside].any():
+        raise ValueError("a circuit keeps an edge from a later key to an earlier query, which no model has (only key "
+                         "<= query)")
+    return mask.float()
+
+
+def faithfulness(patcher: Patcher, circuit: torch.Tensor) -> torch.Tensor:
+    """Faithfulness of each circuit (see the module docstring): ``[variant]``, 1 for every edge
+    kept and 0 for none."""
+    mask = check_circuit(_check_patcher(patcher), circuit)
+    full, empty = patcher.endpoints()
+    if math.isclose(full, empty, rel_tol=0, abs_tol=1e-6):
+        raise ValueError(f"the metric is the same with every edge kept and with none ({full:.4g}): faithfulness is "
+                         f"undefined on these pairs")
+    return (patcher.run(mask, desc="faithfulness") - empty) / (full - empty)
+
+
+def faithfulness_curve(patcher: Patcher, scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Faithfulness of the top-``k`` edges by ``|scores|`` (``[layer, head, query, key]``) for each ``k``."""
+    _check_patcher(patcher)
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(patcher.shape):
+        raise ValueError(f"scores must be a tensor [layer, head, query, key] = {list(patcher.shape)}, got "
+                         f"{list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores must be finite numbers")
+    n_edges = n_attention_edges(patcher)
+    checked = [as_int(k) for k in ks] if isinstance(ks, (list, tuple, range)) else None
+    if not checked or any(k is None or not 0 <= k <= n_edges for k in checked):
+        raise ValueError(f"ks must be a non-empty list of int edge counts in 0..{n_edges} (the causal edges), got "
+                         f"{ks!r:.60}")
+    return faithfulness(patcher, top_edges(scores, checked, causal_mask(scores.shape[-1], scores.device)))
+
+
+def n_attention_edges(patcher: Patcher) -> int:
+    """Causal attention edges of the patcher's model on its pairs: layers x heads x (key <= query) pairs."""
+    n_layers, n_heads, seq_len, _ = patcher.shape
+    return n_layers * n_heads * n_causal_pairs(seq_len)
+
+
+def size_grid(n_edges: int) -> list[int]:
+    """Circuit sizes to evaluate: every count to 64, then about 5% apart, up to ``n_edges``."""
+    return sorted(k for k in set(range(65)) | {round(1.05 ** i) for i in range(200)} | {n_edges} if k <= n_edges)
+
+
+def edges_needed(ks: list[int], curve: torch.Tensor, levels=LEVELS) -> dict[float, int | None]:
+    """The smallest size in ``ks`` whose faithfulness reaches each level (``None``: none does)."""
+    return {level: needed_for(list(ks), curve, level) for level in levels}
+
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    try:
+        model.eval()
+        yield
+    finally:
+        model.train(was_training)
+
+
+def attribution_scores(model, pairs: PatchingPairs, ig_steps: int = 1) -> torch.Tensor:
+    """EAP scores of every attention edge ``[layer, head, query, key]``, mean over pairs.
+
+    The score of edge (l, h, q, k) on a pair is ``(A_qk v_k (clean) - A'_qk v'_k (corrupted)) .
+    dm/dz_q``, the linear estimate of what patching that one term changes, with the gradient of
+    the pair's logit difference at head (l, h)'s output ``z`` at query q. With ``ig_steps=1``
+    the gradient is taken on the corrupted run, as TransformerLens' ``attribution_patch`` does,
+    so summing over keys gives its node score of head (l, h) at position q. With ``ig_steps=k``
+    (EAP-IG) it is the mean gradient over the token embeddings ``corrupted + (i/k)(clean -
+    corrupted)``, ``i = 0..k-1``. The model runs with its own gates: a sparse model's edge
+    closed on both problems of every pair scores exactly 0.
+    """
+    if not isinstance(pairs, PatchingPairs):
+        raise ValueError(f"pairs must be PatchingPairs (see make_pairs), got {type(pairs).__name__}")
+    steps = as_int(ig_steps)
+    if steps is None or not 1 <= steps <= MAX_IG_STEPS:
+        raise ValueError(f"ig_steps must be an int in 1..{MAX_IG_STEPS} (1: EAP), got {ig_steps!r:.40}")
+    check_task(model, pairs.task)
+    clean_tokens, corrupted_tokens, clean_targets, corrupted_targets = pairs.tokens()
+    clean, corrupted = record_attention(model, clean_tokens), record_attention(model, corrupted_tokens)
+    n_layers = model.cfg.n_layers
+    embeddings = {}
+
+    def keep_embedding(name):
+        def hook(embedding, hook):
+            embeddings[name] = embedding.detach()
+        return hook
+
+    for name, tokens in (("clean", clean_tokens), ("corrupted", corrupted_tokens)):
+        with torch.no_grad(), _eval_mode(model), model.hooks(fwd_hooks=[("hook_embed", keep_embedding(name))]):
+            model(tokens)
+    grads = torch.zeros_like(clean["v"])  # [pair, layer, pos, head, d_head]: dm/dz, summed over the steps
+    for step in range(steps):
+        alpha = step / steps
+        mixed = embeddings["corrupted"] + alpha * (embeddings["clean"] - embeddings["corrupted"])
+        outputs = [None] * n_layers
+
+        def keep_z(layer):
+            def hook(z, hook):
+                outputs[layer] = z
+            return hook
+
+        hooks = [("hook_embed", lambda embedding, hook: mixed)]
+        hooks += [(f"blocks.{layer}.attn.hook_z", keep_z(layer)) for layer in range(n_layers)]
+        with torch.enable_grad(), _eval_mode(model), model.hooks(fwd_hooks=hooks):
+            logits = model(clean_tokens)
+            metric = logit_difference(logits[:, pairs.task.prompt_len:], clean_targets, corrupted_targets).sum()
+            for layer, grad in enumerate(torch.autograd.grad(metric, outputs)):
+                grads[:, layer] += grad
+    grads /= steps
+    # sum over pairs and d_head of (term_clean - term_corrupted) . grad, each term A_qk v_k
+    score = (torch.einsum("blhqk,blkhd,blqhd->lhqk", clean["A"], clean["v"], grads)
+             - torch.einsum("blhqk,blkhd,blqhd->lhqk", corrupted["A"], corrupted["v"], grads))
+    return score / len(pairs)
+
+
+def _is_sparse(patcher: Patcher) -> bool:
+    gating = patcher.gating
+    return not gating["dense"] and (gating["gate_bias"] is not None or gate_bias_of(patcher.model) is not None)
+
+
+def read_off(patcher: Patcher) -> torch.Tensor:
+    """The sparse model's circuit on the patcher's pairs, with no search: every edge open on the
+    clean or the corrupted problem of some pair ``[layer, head, query, key]`` (booleans). Every
+    other edge carries nothing in either run, so patching it changes nothing."""
+    if not _is_sparse(_check_patcher(patcher)):
+        raise ValueError("read_off needs a sparse model (one with gates): a dense model's every causal edge is open")
+    return patcher.edge_candidates()
+
+
+def open_edges_per_input(patcher: Patcher) -> float:
+    """Mean number of open edges on one clean problem of the pairs (the sparse model's per-input circuit)."""
+    if not _is_sparse(_check_patcher(patcher)):
+        raise ValueError("open_edges_per_input needs a sparse model (one with gates)")
+    return float((patcher.clean_run["A"] > 0).sum(dim=(1, 2, 3, 4)).float().mean())
+
+
+@dataclass
+class ACDCResult:
+    """The circuit ACDC kept ``[layer, head, query, key]`` (booleans), its ``faithfulness``, the
+    ``threshold``, how many edges were ``tested`` and the ``seconds`` it took."""
+
+    circuit: torch.Tensor
+    faithfulness: float
+    threshold: float
+    tested: int
+    seconds: float
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.circuit.sum())
+
+
+def acdc(patcher: Patcher, threshold: float, progress: bool = True) -> ACDCResult:
+    """ACDC's greedy search over attention edges (Conmy et al. 2023).
+
+    Start from every edge; visit the edges in reverse topological order (last layer first; in a
+    layer, head by head, last query and key first) and remove each one for good if the
+    faithfulness lost by removing it, given everything removed so far, is below ``threshold``
+    (a fraction of the full effect, in [0, 1)). Edges that carry no attention in any run of the
+    pairs (a sparse model's closed ones) change nothing when patched and are removed untested.
+    """
+    _check_patcher(patcher)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be a number in [0, 1) (faithfulness an edge may cost), got {threshold!r:.40}")
+    start = time.perf_counter()
+    full, empty = patcher.endpoints()
+    if math.isclose(full, empty, rel_tol=0, abs_tol=1e-6):
+        raise ValueError(f"the metric is the same with every edge kept and with none ({full:.4g}): ACDC has nothing "
+                         f"to measure on these pairs")
+    current = patcher.edge_candidates().clone()
+    order = sorted(map(tuple, current.nonzero().tolist()), key=lambda e: (-e[0], e[1], -e[2], -e[3]))
+    kept = float(patcher.run(current.float()[None], desc="ACDC")[0])
+    for edge in tqdm(order, desc="ACDC", disable=not progress, mininterval=1.0):
+        current[edge] = False
+        without = float(patcher.run(current.float()[None], desc="ACDC")[0])
+        if (kept - without) / (full - empty) < threshold:
+            kept = without
+        else:
+            current[edge] = True
+    return ACDCResult(current, (kept - empty) / (full - empty), float(threshold), len(order),
+                      time.perf_counter() - start)
+
+
+def heads_touched(circuit: torch.Tensor) -> int:
+    """Heads with at least one edge in ``circuit`` ``[layer, head, query, key]``."""
+    return int(circuit.flatten(2).any(-1).sum())
+
+
+def jaccard(first: torch.Tensor, second: torch.Tensor) -> float:
+    """|first & second| / |first | second| of two circuits (masks of one shape); 1.0 for two empty ones."""
+    if not isinstance(first, torch.Tensor) or not isinstance(second, torch.Tensor) or first.shape != second.shape:
+        raise ValueError("jaccard needs two circuit masks of the same shape")
+    first, second = first.bool(), second.bool()
+    union = int((first | second).sum())
+    return 1.0 if union == 0 else int((first & second).sum()) / union
