@@ -7,6 +7,7 @@ carries (the LayerNorms have no ``hook_scale``)::
 
     hook_embed, hook_pos_embed                      [batch, pos, d_model]
     blocks.{l}.hook_resid_pre, ln1.hook_normalized  [batch, pos, d_model]
+    blocks.{l}.attn.hook_q_input, hook_k_input, hook_v_input  [batch, pos, head, d_model] (with cfg.use_split_qkv_input)
     blocks.{l}.attn.hook_q, hook_k, hook_v          [batch, pos, head, d_head]
     blocks.{l}.attn.hook_attn_scores                [batch, head, query, key]  q.k / sqrt(d_head), -inf off the causal triangle
     blocks.{l}.attn.hook_gate_logits                [batch, head, query, key]  scores + gate bias (gated runs only)
@@ -89,24 +90,31 @@ class Attention(nn.Module):
         inner = cfg.n_heads * cfg.d_head
         self.q, self.k, self.v = (nn.Linear(cfg.d_model, inner) for _ in range(3))
         self.o = nn.Linear(inner, cfg.d_model)
-        for name in ("q", "k", "v", "attn_scores", "gate_logits", "gates", "pattern", "z", "result"):
+        for name in ("q_input", "k_input", "v_input", "q", "k", "v", "attn_scores", "gate_logits", "gates", "pattern",
+                     "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, x: torch.Tensor, gates, past: tuple | None = None, keep_from: int = 0):
+    def forward(self, x, gates, past: tuple | None = None, keep_from: int = 0):
         """``x`` ``[batch, pos, d_model]`` (the last ``pos`` positions when ``past`` holds the
-        keys and values of the earlier ones, each ``[batch, head, earlier, d_head]``) -> the
-        attention output ``[batch, pos - keep_from, d_model]`` and this run's ``(k, v)``.
-        ``gates``: the active :class:`~sparsecirc.sparse_attention.EdgeGates`, or ``None`` (dense)."""
-        b, n_q, _ = x.shape
+        keys and values of the earlier ones, each ``[batch, head, earlier, d_head]``), or with
+        ``cfg.use_split_qkv_input`` a tuple of the q, k and v inputs, each ``[batch, pos, head,
+        d_model]`` -> the attention output ``[batch, pos - keep_from, d_model]`` and this run's
+        ``(k, v)``. ``gates``: the active :class:`~sparsecirc.sparse_attention.EdgeGates`, or ``None`` (dense)."""
         h, d = self.cfg.n_heads, self.cfg.d_head
-        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        q, k, v = F.linear(x, weight, bias).view(b, n_q, 3, h, d).unbind(2)  # each [batch, pos, head, d_head]
+        if isinstance(x, tuple):  # one input per head and per q, k, v: each projected by its head's rows
+            b, n_q = x[0].shape[:2]
+            q, k, v = (torch.einsum("bphm,hdm->bphd", inputs, linear.weight.view(h, d, -1)) + linear.bias.view(h, d)
+                       for inputs, linear in zip(x, (self.q, self.k, self.v)))
+        else:
+            b, n_q, _ = x.shape
+            weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+            bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+            q, k, v = F.linear(x, weight, bias).view(b, n_q, 3, h, d).unbind(2)  # each [batch, pos, head, d_head]
         q, k, v = self.hook_q(q).transpose(1, 2), self.hook_k(k).transpose(1, 2), self.hook_v(v).transpose(1, 2)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         n_k = k.shape[2]
-        causal = edge_gates.causal_mask(n_k, x.device)[n_k - n_q:]  # [query, key]: queries are the last positions
+        causal = edge_gates.causal_mask(n_k, q.device)[n_k - n_q:]  # [query, key]: queries are the last positions
         scores = edge_gates.scaled_scores(q, k.transpose(-1, -2)).masked_fill_(~causal, float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = softmax(scores)
@@ -160,7 +168,12 @@ class Block(nn.Module):
 
     def forward(self, x, gates, past=None, keep_from: int = 0):
         x = self.hook_resid_pre(x)
-        attn_out, kv = self.attn(self.ln1(x), gates, past, keep_from)
+        if self.attn.cfg.use_split_qkv_input:  # each head's q, k, v reads its own copy of the residual stream
+            copies = x.unsqueeze(2).expand(-1, -1, self.attn.cfg.n_heads, -1)  # [batch, pos, head, d_model]
+            attn_in = tuple(self.ln1(getattr(self.attn, f"hook_{name}_input")(copies.clone())) for name in "qkv")
+        else:
+            attn_in = self.ln1(x)
+        attn_out, kv = self.attn(attn_in, gates, past, keep_from)
         x = self.hook_resid_mid(x[:, keep_from:] + self.hook_attn_out(attn_out))
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(x))))
         return self.hook_resid_post(x + mlp_out), kv
@@ -273,9 +286,11 @@ class GatedTransformer(HookedRootModule):
         self.cfg.use_hook_mlp_in = bool(use)
 
     def set_use_split_qkv_input(self, use: bool) -> None:
-        if use:
-            raise ValueError("this model does not split the q, k, v inputs per head (use_split_qkv_input); "
-                             "edge-level attribution over residual edges is not supported on it yet")
+        """Give each head's q, k and v input its own copy of the residual stream, ``attn.hook_q_input``,
+        ``hook_k_input``, ``hook_v_input`` ``[batch, pos, head, d_model]`` (before ``ln1``), as
+        TransformerLens' flag does: residual edges into one head can then be patched alone. The
+        same computation, about 3x slower in attention."""
+        self.cfg.use_split_qkv_input = bool(use)
 
     def set_use_attn_in(self, use: bool) -> None:
         if use:

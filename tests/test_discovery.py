@@ -1,6 +1,7 @@
 import pytest
 import torch
 from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+from transformer_lens.tools.analysis.attribution_patching import faithfulness as faithfulness_of_residual_edges
 
 from sparsecirc import discovery
 from sparsecirc.circuit_size import Patcher
@@ -147,3 +148,35 @@ def test_discovery_refuses_bad_input_with_a_clear_message(dense_and_sparse):
         discovery.faithfulness_curve(patcher, torch.zeros(shape), [discovery.n_attention_edges(patcher) + 1])
     with pytest.raises(ValueError, match="ablation"):
         Patcher(dense, pairs, ablation="zero")
+
+
+def test_transformer_lens_edge_attribution_runs_and_its_edges_add_up_to_its_node_scores(dense_and_sparse):
+    """With ``use_split_qkv_input`` each head reads its own copy of the residual stream (the same
+    logits), so the library's residual-edge EAP and faithfulness run on our models; a writer's
+    outgoing edge scores add up to its node score, which holds only if every reader's copy is
+    the residual stream it should be."""
+    for model in dense_and_sparse[:2]:
+        pairs = dense_and_sparse[2]
+        clean, corrupted, clean_targets, corrupted_targets = pairs.tokens()
+        model.eval()
+        with torch.no_grad():
+            fused = model(clean)
+            model.set_use_split_qkv_input(True)
+            split = model(clean)
+            model.set_use_split_qkv_input(False)
+        torch.testing.assert_close(split, fused, rtol=1e-5, atol=1e-5)
+
+        def metric(logits):
+            return logit_difference(logits[:, pairs.task.prompt_len:], clean_targets[:1], corrupted_targets[:1]).sum()
+
+        nodes = attribution_patch(model, clean[:1], corrupted[:1], metric, EdgeAttributionConfig(granularity="node"))
+        edges = attribution_patch(model, clean[:1], corrupted[:1], metric, EdgeAttributionConfig(granularity="edge"))
+        assert not model.cfg.use_split_qkv_input  # the library restores the flag
+        sums = {}
+        for (writer, _), score in edges.edge_scores.items():
+            sums[writer] = sums.get(writer, 0.0) + score
+        assert {node.kind for node in sums} == {"embed", "attn_head_out", "mlp_out"}
+        for writer, total in sums.items():
+            assert total == pytest.approx(nodes.node_scores[writer], rel=1e-3, abs=1e-5), writer
+        everything = faithfulness_of_residual_edges(model, clean[:1], corrupted[:1], metric, list(edges.edge_scores))
+        assert everything.recovered == pytest.approx(1.0, abs=1e-5)
