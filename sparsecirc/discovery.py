@@ -249,6 +249,71 @@ def acdc(patcher: Patcher, threshold: float, progress: bool = True) -> ACDCResul
                       time.perf_counter() - start)
 
 
+ResidualEdge = tuple  # (writer Node, reader Node) as TransformerLens' enumerate_edges gives them
+
+
+def _pair_metric(pairs: PatchingPairs, n: int, clean_targets, corrupted_targets):
+    def metric(logits):  # [1, pos, vocab] -> the logit difference of pair n
+        return logit_difference(logits[:, pairs.task.prompt_len:], clean_targets[n:n + 1], corrupted_targets[n:n + 1]).sum()
+    return metric
+
+
+def residual_edge_scores(model, pairs: PatchingPairs) -> tuple[list[ResidualEdge], torch.Tensor]:
+    """EAP over the field's unit, residual edges from a writer (embedding, head output, MLP output
+    at a position) to a reader (a head's q, k or v input, an MLP's input, the logits) at the same
+    position: TransformerLens' ``attribution_patch`` at edge granularity, pair by pair (the
+    library takes one metric per example), averaged. Returns the edges, in the library's order,
+    and their mean scores ``[edge]``."""
+    from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+    if not isinstance(pairs, PatchingPairs):
+        raise ValueError(f"pairs must be PatchingPairs (see make_pairs), got {type(pairs).__name__}")
+    check_task(model, pairs.task)
+    clean, corrupted, clean_targets, corrupted_targets = pairs.tokens()
+    totals: dict = {}
+    with _eval_mode(model):
+        for n in range(len(pairs)):
+            result = attribution_patch(model, clean[n:n + 1], corrupted[n:n + 1],
+                                       _pair_metric(pairs, n, clean_targets, corrupted_targets),
+                                       EdgeAttributionConfig(granularity="edge"))
+            for edge, score in result.edge_scores.items():
+                totals[edge] = totals.get(edge, 0.0) + score
+    edges = list(totals)
+    return edges, torch.tensor([totals[edge] for edge in edges]) / len(pairs)
+
+
+def residual_faithfulness(model, pairs: PatchingPairs, circuits: list[list[ResidualEdge]]) -> list[float]:
+    """Faithfulness of each circuit of residual edges (every other edge patched to its corrupted
+    value): TransformerLens' ``faithfulness`` pair by pair, then ``(mean m(circuit) - mean
+    m(corrupted)) / (mean m(clean) - mean m(corrupted))`` over the pairs, as for attention edges.
+    An empty list is the empty circuit; an edge not in the model's graph is a ``ValueError``."""
+    from transformer_lens.tools.analysis.attribution_patching import faithfulness as library_faithfulness
+
+    if not isinstance(pairs, PatchingPairs):
+        raise ValueError(f"pairs must be PatchingPairs (see make_pairs), got {type(pairs).__name__}")
+    if not isinstance(circuits, (list, tuple)) or not circuits or not all(isinstance(c, (list, tuple)) for c in circuits):
+        raise ValueError("circuits must be a non-empty list of circuits, each a list of (writer, reader) edges")
+    check_task(model, pairs.task)
+    clean, corrupted, clean_targets, corrupted_targets = pairs.tokens()
+    values = []
+    with _eval_mode(model):
+        for circuit in circuits:
+            kept = full = empty = 0.0
+            for n in range(len(pairs)):
+                result = library_faithfulness(model, clean[n:n + 1], corrupted[n:n + 1],
+                                              _pair_metric(pairs, n, clean_targets, corrupted_targets), list(circuit))
+                gap = result.full_metric - result.corrupt_metric
+                kept += result.corrupt_metric + result.recovered * gap
+                full, empty = full + result.full_metric, empty + result.corrupt_metric
+            values.append((kept - empty) / (full - empty))
+    return values
+
+
+def residual_heads(edges: list[ResidualEdge]) -> set[tuple[int, int]]:
+    """The (layer, head) pairs a circuit of residual edges touches: as a writer or a reader."""
+    return {(node.layer, node.head) for edge in edges for node in edge[:2] if node.head is not None}
+
+
 def heads_touched(circuit: torch.Tensor) -> int:
     """Heads with at least one edge in ``circuit`` ``[layer, head, query, key]``."""
     return int(circuit.flatten(2).any(-1).sum())
@@ -261,3 +326,119 @@ def jaccard(first: torch.Tensor, second: torch.Tensor) -> float:
     first, second = first.bool(), second.bool()
     union = int((first | second).sum())
     return 1.0 if union == 0 else int((first & second).sum()) / union
+
+
+@dataclass
+class MethodResult:
+    """One method on one model. ``sizes`` and ``faithfulness``: its curve (circuit size, in the
+    method's ``unit``, against faithfulness with corrupt ablation); ``needed``: the smallest size
+    reaching each level (``None``: none does); ``circuit``: the smallest of its circuits reaching
+    90% (else its largest), a mask ``[layer, head, query, key]`` or a list of residual edges;
+    ``heads``: heads that circuit touches; ``seconds``: the search or scoring time (evaluating
+    the curve not counted); ``mean_ablation``: that circuit's faithfulness with mean ablation;
+    ``jaccard_read_off``: its overlap with the sparse model's read-off (heads, for residual edges)."""
+
+    model: str
+    method: str
+    unit: str
+    sizes: list[int]
+    faithfulness: list[float]
+    needed: dict[float, int | None]
+    circuit: object = field(repr=False)
+    heads: int
+    seconds: float
+    mean_ablation: float | None = None
+    jaccard_read_off: float | None = None
+
+    def row(self) -> dict:
+        """A JSON-ready summary (no circuit)."""
+        return {"model": self.model, "method": self.method, "unit": self.unit,
+                **{f"edges_{round(level * 100)}": n for level, n in self.needed.items()}, "heads": self.heads,
+                "seconds": round(self.seconds, 2), "mean_ablation": self.mean_ablation,
+                "jaccard_read_off": self.jaccard_read_off, "sizes": self.sizes,
+                "faithfulness": [round(value, 4) for value in self.faithfulness]}
+
+
+def _from_points(points: list[tuple[int, float, object]], levels=LEVELS):
+    """(size, faithfulness, circuit) points -> needed per level and the circuit at 90% (else the largest)."""
+    points = sorted(points, key=lambda point: point[0])
+    needed = {level: next((size for size, value, _ in points if value >= level), None) for level in levels}
+    at_90 = next((circuit for size, value, circuit in points if value >= 0.9), points[-1][2])
+    return needed, at_90
+
+
+def attention_discovery(model, pairs: PatchingPairs, name: str, *, ig_steps=(5, 20),
+                        acdc_thresholds=(0.0003, 0.001, 0.003, 0.01), progress: bool = True) -> list[MethodResult]:
+    """EAP, EAP-IG (each ``ig_steps``), ACDC (each threshold) and, on a sparse model, the read-off,
+    at the attention-edge unit on ``pairs``."""
+    patcher, means = Patcher(model, pairs, progress=False), Patcher(model, pairs, progress=False, ablation="mean")
+    ks = size_grid(n_attention_edges(patcher))
+    results = []
+
+    def result(method, sizes, values, needed, circuit, seconds):
+        mean = float(faithfulness(means, circuit)[0])
+        results.append(MethodResult(name, method, "attention edge", list(sizes), [float(v) for v in values], needed,
+                                    circuit.bool(), heads_touched(circuit), seconds, mean))
+
+    for steps in (1, *ig_steps):
+        start = time.perf_counter()
+        scores = attribution_scores(model, pairs, steps)
+        seconds = time.perf_counter() - start
+        curve = faithfulness_curve(patcher, scores, ks)
+        needed = edges_needed(ks, curve)
+        size = needed[0.9] if needed[0.9] is not None else ks[-1]
+        circuit = top_edges(scores, [size], causal_mask(scores.shape[-1]))[0]
+        result("EAP" if steps == 1 else f"EAP-IG (k={steps})", ks, curve.tolist(), needed, circuit, seconds)
+    found = [acdc(patcher, threshold, progress=progress) for threshold in acdc_thresholds]
+    needed, circuit = _from_points([(f.n_edges, f.faithfulness, f.circuit) for f in found])
+    found.sort(key=lambda f: f.n_edges)
+    result("ACDC", [f.n_edges for f in found], [f.faithfulness for f in found], needed, circuit.float(),
+           sum(f.seconds for f in found))
+    if _is_sparse(patcher):
+        start = time.perf_counter()
+        circuit = read_off(patcher)
+        seconds = time.perf_counter() - start
+        value = float(faithfulness(patcher, circuit)[0])
+        size = int(circuit.sum())
+        result("read-off", [size], [value], {level: size if value >= level else None for level in LEVELS},
+               circuit.float(), seconds)
+    return results
+
+
+def residual_sizes(n_edges: int) -> list[int]:
+    """Residual-circuit sizes to evaluate: 0, then about 1.5x apart, up to ``n_edges``."""
+    return sorted({0, n_edges} | {round(1.5 ** i) for i in range(40) if 1.5 ** i < n_edges})
+
+
+def residual_discovery(model, pairs: PatchingPairs, name: str) -> MethodResult:
+    """EAP over residual edges (TransformerLens' own) and its faithfulness curve on ``pairs``."""
+    start = time.perf_counter()
+    edges, scores = residual_edge_scores(model, pairs)
+    seconds = time.perf_counter() - start
+    order = scores.abs().argsort(descending=True, stable=True).tolist()
+    sizes = residual_sizes(len(edges))
+    circuits = [[edges[i] for i in order[:size]] for size in sizes]
+    values = residual_faithfulness(model, pairs, circuits)
+    needed, circuit = _from_points(list(zip(sizes, values, circuits)))
+    return MethodResult(name, "EAP (TransformerLens)", "residual edge", sizes, values, needed, circuit,
+                        len(residual_heads(circuit)), seconds)
+
+
+def discover(dense, sparse, pairs: PatchingPairs, residual_pairs: PatchingPairs | None = None,
+             progress: bool = True, **options) -> list[MethodResult]:
+    """Every method on both models (see :func:`attention_discovery`, ``options`` go to it), and,
+    with ``residual_pairs``, EAP over residual edges on them; each circuit's overlap with the
+    sparse model's read-off is filled in."""
+    results = attention_discovery(dense, pairs, "dense", progress=progress, **options)
+    results += attention_discovery(sparse, pairs, "sparse", progress=progress, **options)
+    if residual_pairs is not None:
+        results += [residual_discovery(dense, residual_pairs, "dense"), residual_discovery(sparse, residual_pairs, "sparse")]
+    read = next(r.circuit for r in results if r.method == "read-off")
+    read_heads = {tuple(head) for head in read.flatten(2).any(-1).nonzero().tolist()}
+    for r in results:
+        if r.unit == "attention edge":
+            r.jaccard_read_off = jaccard(r.circuit, read)
+        else:
+            heads = residual_heads(r.circuit)
+            r.jaccard_read_off = len(heads & read_heads) / max(1, len(heads | read_heads))
+    return results

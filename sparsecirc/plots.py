@@ -242,3 +242,30 @@ def plot_recipe_ablation(rows: list[dict], max_edges: float = 10.0, min_exact_ma
     fig.suptitle("Each part of the recipe switched off in turn (dots: seeds; black tick: median; line: range)")
     fig.tight_layout()
     return fig
+
+
+def plot_discovery_curves(results: list, level: float = 0.9):
+    """Faithfulness against circuit size, one line per method, one panel per model and unit
+    (dense and sparse side by side, attention edges above residual edges when there are any).
+    ``results``: :class:`~sparsecirc.discovery.MethodResult` s, as ``discover`` returns them.
+    A method with one circuit (the read-off) is a star; ACDC's thresholds are dots. Returns the figure."""
+    if not isinstance(results, list) or not results or not all(hasattr(r, "faithfulness") for r in results):
+        raise ValueError("results must be a non-empty list of MethodResult (sparsecirc.discovery.discover)")
+    units = list(dict.fromkeys(r.unit for r in results))
+    models = list(dict.fromkeys(r.model for r in results))
+    fig, axes = plt.subplots(len(units), len(models), figsize=(6 * len(models), 3.8 * len(units)), squeeze=False)
+    for row, unit in enumerate(units):
+        for column, model in enumerate(models):
+            ax = axes[row, column]
+            for r in (r for r in results if r.unit == unit and r.model == model):
+                sizes = [max(size, 0.8) for size in r.sizes]  # size 0 drawn at 0.8 on the log axis
+                style = "*" if len(sizes) == 1 else "o--" if r.method == "ACDC" else "-"
+                label = f"{r.method}: {r.needed.get(level)} for {level:.0%}"
+                ax.plot(sizes, r.faithfulness, style, ms=12 if style == "*" else 4, label=label)
+            ax.axhline(level, color="k", lw=0.8, ls="--")
+            ax.set(xscale="log", ylim=(-0.1, 1.1), xlabel=f"{unit}s in the circuit", ylabel="faithfulness",
+                   title=f"{model} model, {unit}s")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -180,3 +180,30 @@ def test_transformer_lens_edge_attribution_runs_and_its_edges_add_up_to_its_node
             assert total == pytest.approx(nodes.node_scores[writer], rel=1e-3, abs=1e-5), writer
         everything = faithfulness_of_residual_edges(model, clean[:1], corrupted[:1], metric, list(edges.edge_scores))
         assert everything.recovered == pytest.approx(1.0, abs=1e-5)
+
+
+def test_discover_fills_the_table_and_draws_it(dense_and_sparse, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sparsecirc.plots import plot_discovery_curves
+
+    dense, sparse, pairs = dense_and_sparse
+    few = make_pairs(pairs.task, 2, seed=1)
+    results = discovery.discover(dense, sparse, pairs, few, progress=False, ig_steps=(3,), acdc_thresholds=(0.0, 0.05))
+    methods = {(r.model, r.method, r.unit) for r in results}
+    assert ("sparse", "read-off", "attention edge") in methods and ("dense", "read-off", "attention edge") not in methods
+    assert {("dense", "EAP (TransformerLens)", "residual edge"), ("sparse", "EAP-IG (k=3)", "attention edge")} <= methods
+    read = next(r for r in results if r.method == "read-off")
+    assert read.faithfulness == [pytest.approx(1.0, abs=1e-6)] and read.jaccard_read_off == 1.0
+    for r in results:
+        row = r.row()
+        assert set(row) >= {"edges_80", "edges_90", "edges_95", "heads", "seconds", "jaccard_read_off"}
+        assert len(r.sizes) == len(r.faithfulness) and 0 <= r.jaccard_read_off <= 1
+        if r.model == "sparse" and r.unit == "attention edge" and r.needed[0.9] is not None:
+            assert r.needed[0.9] <= read.needed[0.9]  # discovery on the sparse model never needs more than its open edges
+    fig = plot_discovery_curves(results)
+    assert len(fig.axes) == 4  # two units x two models
+    fig.savefig(tmp_path / "curves.png")
+    with pytest.raises(ValueError, match="MethodResult"):
+        plot_discovery_curves([])
