@@ -10,7 +10,7 @@ circuit with mean ablation, overlap with the read-off) and ``curves.png`` into `
 (default: a new folder under ``runs/benchmarks/discovery/``). One process, 2 threads: run it
 alone. About 10 minutes for 2 digits.
 
-    python benchmarks/discovery.py [--digits 2] [--pairs 256] [--residual-pairs 32] [--out DIR]
+    python benchmarks/discovery.py [--digits 2] [--pairs 256] [--residual-pairs 16] [--out DIR]
 """
 
 import argparse
@@ -47,7 +47,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--digits", type=int, choices=(2, 3), default=2)
     parser.add_argument("--pairs", type=int, default=256, help="pairs for the attention-edge methods (even)")
-    parser.add_argument("--residual-pairs", type=int, default=32,
+    parser.add_argument("--residual-pairs", type=int, default=16,
                         help="pairs for EAP over residual edges (even; 0 leaves it out)")
     parser.add_argument("--out", type=Path, help="folder for the results (default: a new one under runs/)")
     args = parser.parse_args()

@@ -350,6 +350,13 @@ class MethodResult:
     mean_ablation: float | None = None
     jaccard_read_off: float | None = None
 
+    @classmethod
+    def from_row(cls, row: dict) -> "MethodResult":
+        """Back from :meth:`row` (as saved by ``benchmarks/discovery.py``), without its circuit."""
+        needed = {level: row[f"edges_{round(level * 100)}"] for level in LEVELS}
+        return cls(row["model"], row["method"], row["unit"], row["sizes"], row["faithfulness"], needed, None,
+                   row["heads"], row["seconds"], row["mean_ablation"], row["jaccard_read_off"])
+
     def row(self) -> dict:
         """A JSON-ready summary (no circuit)."""
         return {"model": self.model, "method": self.method, "unit": self.unit,
@@ -442,3 +449,26 @@ def discover(dense, sparse, pairs: PatchingPairs, residual_pairs: PatchingPairs 
             heads = residual_heads(r.circuit)
             r.jaccard_read_off = len(heads & read_heads) / max(1, len(heads | read_heads))
     return results
+
+
+def check_attention_scores(yours, model, pairs: PatchingPairs) -> str:
+    """For the exercise of notebook 07: compare your EAP scores with :func:`attribution_scores`
+    and say what is wrong, or ``"correct"``."""
+    if yours is None:
+        return "not yet: your function returned None; it should return a tensor [layer, head, query, key]"
+    expected = attribution_scores(model, pairs)
+    if not isinstance(yours, torch.Tensor):
+        return f"not yet: expected a tensor, got {type(yours).__name__}"
+    if tuple(yours.shape) != tuple(expected.shape):
+        return f"not yet: expected shape [layer, head, query, key] = {list(expected.shape)}, got {list(yours.shape)}"
+    if torch.allclose(yours, -expected, rtol=1e-3, atol=1e-5) and expected.abs().max() > 0:
+        return "almost: the sign is flipped; the difference is (clean term - corrupted term) . gradient"
+    if torch.allclose(yours * len(pairs), expected, rtol=1e-3, atol=1e-5) or \
+            torch.allclose(yours, expected * len(pairs), rtol=1e-3, atol=1e-5):
+        return f"almost: off by a factor of {len(pairs)} pairs; take the mean over pairs"
+    if not torch.allclose(yours, expected, rtol=1e-3, atol=1e-5):
+        worst = (yours - expected).abs().argmax().item()
+        index = list(torch.unravel_index(torch.tensor(worst), expected.shape))
+        return (f"not yet: edge (layer, head, query, key) = {[int(i) for i in index]} scores "
+                f"{yours.flatten()[worst].item():.4g}, expected {expected.flatten()[worst].item():.4g}")
+    return "correct"
