@@ -67,7 +67,9 @@ class SparsifyConfig:
     model uses grow large (a larger q.k both sharpens the softmax and protects the gate from
     the sampling noise), where the penalty's gradient sigmoid'(g) is ~0: a second head doing
     the same job as a first one is then all but impossible to close. Decay keeps q.k moderate,
-    so redundant edges stay within the penalty's reach.
+    so redundant edges stay within the penalty's reach. (Without decay, at full length, two of
+    four seeds that miss the 10-edge limit met it and one that met it almost did not, seed 17:
+    10.22 -> 14.25; ``benchmarks/results/sparsify_seeds_no_weight_decay.md``.)
 
     Decay alone still leaves duplicates: two heads of one layer reading the same (query, key),
     each open on part of the inputs, a second head as insurance against the sampling noise.
