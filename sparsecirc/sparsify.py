@@ -68,8 +68,8 @@ class SparsifyConfig:
     the sampling noise), where the penalty's gradient sigmoid'(g) is ~0: a second head doing
     the same job as a first one is then all but impossible to close. Decay keeps q.k moderate,
     so redundant edges stay within the penalty's reach. (Without decay, at full length, two of
-    four seeds that miss the 10-edge limit met it and one that met it almost did not, seed 17:
-    10.22 -> 14.25; ``benchmarks/results/sparsify_seeds_no_weight_decay.md``.)
+    four seeds that miss the 10-edge limit met it, and seed 17 went from 10.22 to 14.25 edges;
+    ``benchmarks/results/sparsify_seeds_no_weight_decay.md``.)
 
     Decay alone still leaves duplicates: two heads of one layer reading the same (query, key),
     each open on part of the inputs, a second head as insurance against the sampling noise.
