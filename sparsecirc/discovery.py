@@ -309,6 +309,18 @@ def residual_faithfulness(model, pairs: PatchingPairs, circuits: list[list[Resid
     return values
 
 
+def describe_residual_edge(edge: ResidualEdge, position_labels: list[str] | None = None) -> str:
+    """``'L3H3 output at s0 -> logits at s0'``: a residual edge in words (positions by label if given)."""
+    def name(node):
+        where = node.position if position_labels is None else position_labels[node.position]
+        head = "" if node.head is None else f"H{node.head}"
+        what = {"embed": "embedding", "attn_head_out": "output", "mlp_out": "MLP output", "q_input": "q input",
+                "k_input": "k input", "v_input": "v input", "mlp_in": "MLP input", "logits": "logits"}[node.kind]
+        layer = "" if node.layer is None or node.kind == "logits" else f"L{node.layer}{head} "
+        return f"{layer}{what} at {where}"
+    return f"{name(edge[0])} -> {name(edge[1])}"
+
+
 def residual_heads(edges: list[ResidualEdge]) -> set[tuple[int, int]]:
     """The (layer, head) pairs a circuit of residual edges touches: as a writer or a reader."""
     return {(node.layer, node.head) for edge in edges for node in edge[:2] if node.head is not None}
