@@ -6,7 +6,8 @@ the attention-edge unit on ``--pairs`` clean/corrupted pairs, the sparse read-of
 residual edges (TransformerLens' own ``attribution_patch`` and ``faithfulness``, which take one
 pair at a time) on ``--residual-pairs`` of them. Writes ``results.json``, ``results.md`` (the
 table: edges needed at 80/90/95% faithfulness, heads touched, seconds, faithfulness of the 90%
-circuit with mean ablation, overlap with the read-off) and ``curves.png`` into ``--out``
+circuit with mean ablation, overlap with the read-off and the share of the read-off it keeps) and
+``curves.png`` into ``--out``
 (default: a new folder under ``runs/benchmarks/discovery/``). One process, 2 threads: run it
 alone. About 10 minutes for 2 digits.
 
@@ -32,14 +33,14 @@ from sparsecirc.plots import plot_discovery_curves
 def table(rows: list[dict]) -> str:
     levels = [round(level * 100) for level in LEVELS]
     lines = ["| model | method | unit | " + " | ".join(f"edges for {p}%" for p in levels)
-             + " | heads | seconds | mean ablation (90% circuit) | Jaccard with read-off |",
-             "|---|---|---|" + "---:|" * (len(levels) + 4)]
+             + " | heads | seconds | mean ablation (90% circuit) | Jaccard with read-off | share of read-off kept |",
+             "|---|---|---|" + "---:|" * (len(levels) + 5)]
     for row in rows:
         needed = " | ".join("-" if row[f"edges_{p}"] is None else str(row[f"edges_{p}"]) for p in levels)
         mean = "-" if row["mean_ablation"] is None else f"{row['mean_ablation']:.2f}"
         overlap = "-" if row["jaccard_read_off"] is None else f"{row['jaccard_read_off']:.2f}"
         lines.append(f"| {row['model']} | {row['method']} | {row['unit']} | {needed} | {row['heads']} | "
-                     f"{row['seconds']:.1f} | {mean} | {overlap} |")
+                     f"{row['seconds']:.1f} | {mean} | {overlap} | {row['contains_read_off']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -224,8 +224,10 @@ def acdc(patcher: Patcher, threshold: float, progress: bool = True) -> ACDCResul
     Start from every edge; visit the edges in reverse topological order (last layer first; in a
     layer, head by head, last query and key first) and remove each one for good if the
     faithfulness lost by removing it, given everything removed so far, is below ``threshold``
-    (a fraction of the full effect, in [0, 1)). Edges that carry no attention in any run of the
-    pairs (a sparse model's closed ones) change nothing when patched and are removed untested.
+    (a fraction of the full effect, in [0, 1)). The rule is one-sided, as ACDC's: a removal
+    that raises the metric is always accepted, so faithfulness can end above 1. Edges that carry
+    no attention in any run of the pairs (a sparse model's closed ones) change nothing when
+    patched and are removed untested.
     """
     _check_patcher(patcher)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
@@ -286,13 +288,18 @@ def residual_faithfulness(model, pairs: PatchingPairs, circuits: list[list[Resid
     """Faithfulness of each circuit of residual edges (every other edge patched to its corrupted
     value): TransformerLens' ``faithfulness`` pair by pair, then ``(mean m(circuit) - mean
     m(corrupted)) / (mean m(clean) - mean m(corrupted))`` over the pairs, as for attention edges.
-    An empty list is the empty circuit; an edge not in the model's graph is a ``ValueError``."""
+    An empty list is the empty circuit; an edge not in the model's graph is a ``ValueError`` (the
+    library's, at the first pair). Everything is a writer here, the embeddings too, so the empty
+    circuit is the corrupted run itself."""
     from transformer_lens.tools.analysis.attribution_patching import faithfulness as library_faithfulness
 
     if not isinstance(pairs, PatchingPairs):
         raise ValueError(f"pairs must be PatchingPairs (see make_pairs), got {type(pairs).__name__}")
     if not isinstance(circuits, (list, tuple)) or not circuits or not all(isinstance(c, (list, tuple)) for c in circuits):
         raise ValueError("circuits must be a non-empty list of circuits, each a list of (writer, reader) edges")
+    if any(not isinstance(edge, tuple) or len(edge) not in (2, 3) for circuit in circuits for edge in circuit):
+        raise ValueError("each edge of a circuit must be a (writer, reader) pair of TransformerLens Nodes, as "
+                         "residual_edge_scores returns them")
     check_task(model, pairs.task)
     clean, corrupted, clean_targets, corrupted_targets = pairs.tokens()
     values = []
@@ -348,7 +355,9 @@ class MethodResult:
     90% (else its largest), a mask ``[layer, head, query, key]`` or a list of residual edges;
     ``heads``: heads that circuit touches; ``seconds``: the search or scoring time (evaluating
     the curve not counted); ``mean_ablation``: that circuit's faithfulness with mean ablation;
-    ``jaccard_read_off``: its overlap with the sparse model's read-off (heads, for residual edges)."""
+    ``jaccard_read_off``: its overlap with the sparse model's read-off, |C & R| / |C | R| (heads, for
+    residual edges); ``contains_read_off``: the share of the read-off it contains, |C & R| / |R|
+    (Jaccard alone is small whenever C is much larger than R, even when C contains all of R)."""
 
     model: str
     method: str
@@ -361,20 +370,23 @@ class MethodResult:
     seconds: float
     mean_ablation: float | None = None
     jaccard_read_off: float | None = None
+    contains_read_off: float | None = None
 
     @classmethod
     def from_row(cls, row: dict) -> "MethodResult":
         """Back from :meth:`row` (as saved by ``benchmarks/discovery.py``), without its circuit."""
         needed = {level: row[f"edges_{round(level * 100)}"] for level in LEVELS}
         return cls(row["model"], row["method"], row["unit"], row["sizes"], row["faithfulness"], needed, None,
-                   row["heads"], row["seconds"], row["mean_ablation"], row["jaccard_read_off"])
+                   row["heads"], row["seconds"], row["mean_ablation"], row["jaccard_read_off"],
+                   row.get("contains_read_off"))
 
     def row(self) -> dict:
         """A JSON-ready summary (no circuit)."""
         return {"model": self.model, "method": self.method, "unit": self.unit,
                 **{f"edges_{round(level * 100)}": n for level, n in self.needed.items()}, "heads": self.heads,
                 "seconds": round(self.seconds, 2), "mean_ablation": self.mean_ablation,
-                "jaccard_read_off": self.jaccard_read_off, "sizes": self.sizes,
+                "jaccard_read_off": self.jaccard_read_off, "contains_read_off": self.contains_read_off,
+                "sizes": self.sizes,
                 "faithfulness": [round(value, 4) for value in self.faithfulness]}
 
 
@@ -435,7 +447,10 @@ def residual_discovery(model, pairs: PatchingPairs, name: str) -> MethodResult:
     edges, scores = residual_edge_scores(model, pairs)
     seconds = time.perf_counter() - start
     order = scores.abs().argsort(descending=True, stable=True).tolist()
-    sizes = residual_sizes(len(edges))
+    # only edges with a score are ranked: the order among zeros would be the library's index order.
+    # (A sparse model's gates pass no gradient, so an edge that matters by flipping a gate scores 0.)
+    scored = int((scores != 0).sum())
+    sizes = sorted(set(residual_sizes(scored)) | {len(edges)})
     circuits = [[edges[i] for i in order[:size]] for size in sizes]
     values = residual_faithfulness(model, pairs, circuits)
     needed, circuit = _from_points(list(zip(sizes, values, circuits)))
@@ -447,7 +462,32 @@ def discover(dense, sparse, pairs: PatchingPairs, residual_pairs: PatchingPairs 
              progress: bool = True, **options) -> list[MethodResult]:
     """Every method on both models (see :func:`attention_discovery`, ``options`` go to it), and,
     with ``residual_pairs``, EAP over residual edges on them; each circuit's overlap with the
-    sparse model's read-off is filled in."""
+    sparse model's read-off is filled in. ``dense`` must run without gates and ``sparse`` with
+    them, both built for the pairs' task with the same shape."""
+    for name, pair_set in (("pairs", pairs), ("residual_pairs", residual_pairs)):
+        if pair_set is not None and not isinstance(pair_set, PatchingPairs):
+            raise ValueError(f"{name} must be PatchingPairs (see make_pairs), got {type(pair_set).__name__}")
+    if pairs is None:
+        raise ValueError("pairs must be PatchingPairs (see make_pairs), got None")
+    if residual_pairs is not None and residual_pairs.task != pairs.task:
+        raise ValueError("pairs and residual_pairs must be of the same task")
+    for name, model in (("dense", dense), ("sparse", sparse)):
+        check_task(model, pairs.task)
+    if gate_bias_of(dense) is not None or gate_bias_of(sparse) is None:
+        raise ValueError(f"dense must be a model without gates and sparse one with them; got gate biases "
+                         f"{gate_bias_of(dense)} (dense) and {gate_bias_of(sparse)} (sparse)")
+    if (dense.cfg.n_layers, dense.cfg.n_heads) != (sparse.cfg.n_layers, sparse.cfg.n_heads):
+        raise ValueError("dense and sparse must have the same layers and heads (the read-off is compared edge by edge)")
+    unknown = set(options) - {"ig_steps", "acdc_thresholds"}
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; discover takes ig_steps and acdc_thresholds")
+    steps = options.get("ig_steps", (5, 20))
+    if not isinstance(steps, (list, tuple)) or any(as_int(k) is None or not 2 <= as_int(k) <= MAX_IG_STEPS for k in steps):
+        raise ValueError(f"ig_steps must be a list of ints in 2..{MAX_IG_STEPS} (EAP itself is k = 1), got {steps!r:.40}")
+    thresholds = options.get("acdc_thresholds", (0.0003, 0.001, 0.003, 0.01))
+    if not isinstance(thresholds, (list, tuple)) or not thresholds or any(
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1 for t in thresholds):
+        raise ValueError(f"acdc_thresholds must be a non-empty list of numbers in [0, 1), got {thresholds!r:.40}")
     results = attention_discovery(dense, pairs, "dense", progress=progress, **options)
     results += attention_discovery(sparse, pairs, "sparse", progress=progress, **options)
     if residual_pairs is not None:
@@ -457,9 +497,11 @@ def discover(dense, sparse, pairs: PatchingPairs, residual_pairs: PatchingPairs 
     for r in results:
         if r.unit == "attention edge":
             r.jaccard_read_off = jaccard(r.circuit, read)
+            r.contains_read_off = int((r.circuit & read).sum()) / max(1, int(read.sum()))
         else:
             heads = residual_heads(r.circuit)
             r.jaccard_read_off = len(heads & read_heads) / max(1, len(heads | read_heads))
+            r.contains_read_off = len(heads & read_heads) / max(1, len(read_heads))
     return results
 
 
@@ -484,3 +526,22 @@ def check_attention_scores(yours, model, pairs: PatchingPairs) -> str:
         return (f"not yet: edge (layer, head, query, key) = {[int(i) for i in index]} scores "
                 f"{yours.flatten()[worst].item():.4g}, expected {expected.flatten()[worst].item():.4g}")
     return "correct"
+
+
+def check_top_edges_faithfulness(yours, patcher: Patcher, scores: torch.Tensor, n: int) -> str:
+    """For the second exercise of notebook 07: is ``yours`` the faithfulness of the top ``n`` edges
+    by ``|scores|``? Says what is wrong, or ``"correct"``."""
+    if yours is None:
+        return "not yet: at_same_size is None; it should be the faithfulness (a number) of the top-n circuit"
+    if isinstance(yours, torch.Tensor) and yours.numel() == 1:
+        yours = yours.item()
+    if isinstance(yours, bool) or not isinstance(yours, (int, float)):
+        return f"not yet: expected a number, got {type(yours).__name__} (a tensor of several values? take .item())"
+    expected = faithfulness_curve(patcher, scores, [n]).item()
+    if abs(yours - expected) <= 1e-4:
+        return "correct"
+    by_signed = faithfulness(patcher, top_edges(scores.clamp(min=0), [n], causal_mask(scores.shape[-1]))).item()
+    if abs(yours - by_signed) <= 1e-4:
+        return "almost: rank the edges by the size of their score, |score|, not by its signed value"
+    return (f"not yet: got {yours:.4f}, expected {expected:.4f}: keep the {n} edges of largest |score| and patch "
+            f"every other edge (discovery.faithfulness_curve does both)")

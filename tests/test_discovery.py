@@ -207,3 +207,43 @@ def test_discover_fills_the_table_and_draws_it(dense_and_sparse, tmp_path):
     fig.savefig(tmp_path / "curves.png")
     with pytest.raises(ValueError, match="MethodResult"):
         plot_discovery_curves([])
+
+
+def test_discover_refuses_bad_input_before_any_work(dense_and_sparse):
+    dense, sparse, pairs = dense_and_sparse
+    with pytest.raises(ValueError, match="without gates"):
+        discovery.discover(sparse, dense, pairs)  # swapped
+    with pytest.raises(ValueError, match="acdc_thresholds"):
+        discovery.discover(dense, sparse, pairs, acdc_thresholds=())
+    with pytest.raises(ValueError, match="ig_steps"):
+        discovery.discover(dense, sparse, pairs, ig_steps=5)
+    with pytest.raises(ValueError, match="unknown options"):
+        discovery.discover(dense, sparse, pairs, threshold=0.1)
+    with pytest.raises(ValueError, match="PatchingPairs"):
+        discovery.discover(dense, sparse, pairs, residual_pairs=[(1, 2)])
+    with pytest.raises(ValueError, match="Nodes"):
+        discovery.residual_faithfulness(dense, pairs, [[("writer", "reader", "x", "y")]])
+
+
+def test_the_share_of_the_read_off_kept_is_one_when_a_circuit_holds_all_of_it(dense_and_sparse):
+    dense, sparse, pairs = dense_and_sparse
+    results = discovery.discover(dense, sparse, pairs, progress=False, ig_steps=(2,), acdc_thresholds=(0.0,))
+    for r in results:
+        assert 0 <= r.contains_read_off <= 1
+        assert r.contains_read_off >= r.jaccard_read_off
+    assert next(r for r in results if r.method == "read-off").contains_read_off == 1.0
+
+
+def test_exercise_checkers_say_what_is_wrong(dense_and_sparse):
+    dense, _, pairs = dense_and_sparse
+    patcher = Patcher(dense, pairs, progress=False)
+    scores = discovery.attribution_scores(dense, pairs)
+    assert discovery.check_attention_scores(None, dense, pairs).startswith("not yet")
+    assert discovery.check_attention_scores(scores[0], dense, pairs).startswith("not yet: expected shape")
+    assert discovery.check_attention_scores(-scores, dense, pairs).startswith("almost: the sign")
+    assert discovery.check_attention_scores(scores * len(pairs), dense, pairs).startswith("almost: off by a factor")
+    assert discovery.check_attention_scores(scores.clone(), dense, pairs) == "correct"
+    right = discovery.faithfulness_curve(patcher, scores, [5]).item()
+    assert discovery.check_top_edges_faithfulness(None, patcher, scores, 5).startswith("not yet")
+    assert discovery.check_top_edges_faithfulness(right, patcher, scores, 5) == "correct"
+    assert discovery.check_top_edges_faithfulness(right + 0.5, patcher, scores, 5).startswith("not yet: got")
