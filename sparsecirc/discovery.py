@@ -284,7 +284,8 @@ def residual_edge_scores(model, pairs: PatchingPairs) -> tuple[list[ResidualEdge
     return edges, torch.tensor([totals[edge] for edge in edges]) / len(pairs)
 
 
-def residual_faithfulness(model, pairs: PatchingPairs, circuits: list[list[ResidualEdge]]) -> list[float]:
+def residual_faithfulness(model, pairs: PatchingPairs, circuits: list[list[ResidualEdge]],
+                          progress: bool = True) -> list[float]:
     """Faithfulness of each circuit of residual edges (every other edge patched to its corrupted
     value): TransformerLens' ``faithfulness`` pair by pair, then ``(mean m(circuit) - mean
     m(corrupted)) / (mean m(clean) - mean m(corrupted))`` over the pairs, as for attention edges.
@@ -304,7 +305,7 @@ def residual_faithfulness(model, pairs: PatchingPairs, circuits: list[list[Resid
     clean, corrupted, clean_targets, corrupted_targets = pairs.tokens()
     values = []
     with _eval_mode(model):
-        for circuit in circuits:
+        for circuit in tqdm(circuits, desc="residual faithfulness", disable=not progress, mininterval=1.0):
             kept = full = empty = 0.0
             for n in range(len(pairs)):
                 result = library_faithfulness(model, clean[n:n + 1], corrupted[n:n + 1],
@@ -441,7 +442,7 @@ def residual_sizes(n_edges: int) -> list[int]:
     return sorted({0, n_edges} | {round(1.5 ** i) for i in range(40) if 1.5 ** i < n_edges})
 
 
-def residual_discovery(model, pairs: PatchingPairs, name: str) -> MethodResult:
+def residual_discovery(model, pairs: PatchingPairs, name: str, progress: bool = True) -> MethodResult:
     """EAP over residual edges (TransformerLens' own) and its faithfulness curve on ``pairs``."""
     start = time.perf_counter()
     edges, scores = residual_edge_scores(model, pairs)
@@ -452,7 +453,7 @@ def residual_discovery(model, pairs: PatchingPairs, name: str) -> MethodResult:
     scored = int((scores != 0).sum())
     sizes = sorted(set(residual_sizes(scored)) | {len(edges)})
     circuits = [[edges[i] for i in order[:size]] for size in sizes]
-    values = residual_faithfulness(model, pairs, circuits)
+    values = residual_faithfulness(model, pairs, circuits, progress)
     needed, circuit = _from_points(list(zip(sizes, values, circuits)))
     return MethodResult(name, "EAP (TransformerLens)", "residual edge", sizes, values, needed, circuit,
                         len(residual_heads(circuit)), seconds)
@@ -491,7 +492,8 @@ def discover(dense, sparse, pairs: PatchingPairs, residual_pairs: PatchingPairs 
     results = attention_discovery(dense, pairs, "dense", progress=progress, **options)
     results += attention_discovery(sparse, pairs, "sparse", progress=progress, **options)
     if residual_pairs is not None:
-        results += [residual_discovery(dense, residual_pairs, "dense"), residual_discovery(sparse, residual_pairs, "sparse")]
+        results += [residual_discovery(dense, residual_pairs, "dense", progress),
+                    residual_discovery(sparse, residual_pairs, "sparse", progress)]
     read = next(r.circuit for r in results if r.method == "read-off")
     read_heads = {tuple(head) for head in read.flatten(2).any(-1).nonzero().tolist()}
     for r in results:
