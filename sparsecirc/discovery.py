@@ -42,6 +42,8 @@ from .sparse_attention import gate_bias_of
 
 LEVELS = (0.8, 0.9, 0.95)
 MAX_IG_STEPS = 1000
+IG_STEPS = (5, 20)  # EAP-IG's step counts in discover
+ACDC_THRESHOLDS = (0.0003, 0.001, 0.003, 0.01)  # ACDC's thresholds in discover
 
 
 def _check_patcher(patcher) -> Patcher:
@@ -49,6 +51,15 @@ def _check_patcher(patcher) -> Patcher:
         raise ValueError(f"patcher must be a sparsecirc.circuit_size.Patcher (Patcher(model, pairs)), got "
                          f"{type(patcher).__name__}")
     return patcher
+
+
+def _endpoints(patcher: Patcher) -> tuple[float, float]:
+    """m(all) and m(empty), or ``ValueError`` if they are equal (faithfulness is then undefined)."""
+    full, empty = patcher.endpoints()
+    if math.isclose(full, empty, rel_tol=0, abs_tol=1e-6):
+        raise ValueError(f"the metric is the same with every edge kept and with none ({full:.4g}): faithfulness is "
+                         f"undefined on these pairs")
+    return full, empty
 
 
 def check_circuit(patcher: Patcher, circuit) -> torch.Tensor:
@@ -76,10 +87,7 @@ def faithfulness(patcher: Patcher, circuit: torch.Tensor) -> torch.Tensor:
     """Faithfulness of each circuit (see the module docstring): ``[variant]``, 1 for every edge
     kept and 0 for none."""
     mask = check_circuit(_check_patcher(patcher), circuit)
-    full, empty = patcher.endpoints()
-    if math.isclose(full, empty, rel_tol=0, abs_tol=1e-6):
-        raise ValueError(f"the metric is the same with every edge kept and with none ({full:.4g}): faithfulness is "
-                         f"undefined on these pairs")
+    full, empty = _endpoints(patcher)
     return (patcher.run(mask, desc="faithfulness") - empty) / (full - empty)
 
 
@@ -146,16 +154,10 @@ def attribution_scores(model, pairs: PatchingPairs, ig_steps: int = 1) -> torch.
     clean_tokens, corrupted_tokens, clean_targets, corrupted_targets = pairs.tokens()
     clean, corrupted = record_attention(model, clean_tokens), record_attention(model, corrupted_tokens)
     n_layers = model.cfg.n_layers
-    embeddings = {}
-
-    def keep_embedding(name):
-        def hook(embedding, hook):
-            embeddings[name] = embedding.detach()
-        return hook
-
-    for name, tokens in (("clean", clean_tokens), ("corrupted", corrupted_tokens)):
-        with torch.no_grad(), _eval_mode(model), model.hooks(fwd_hooks=[("hook_embed", keep_embedding(name))]):
-            model(tokens)
+    embedded = []  # the token embeddings of the clean and corrupted problems, in one pass
+    with torch.no_grad(), _eval_mode(model), model.hooks(fwd_hooks=[("hook_embed", lambda e, hook: embedded.append(e))]):
+        model(torch.cat([clean_tokens, corrupted_tokens]))
+    embeddings = dict(zip(("clean", "corrupted"), embedded[0].split(len(pairs))))
     grads = torch.zeros_like(clean["v"])  # [pair, layer, pos, head, d_head]: dm/dz, summed over the steps
     for step in range(steps):
         alpha = step / steps
@@ -233,10 +235,7 @@ def acdc(patcher: Patcher, threshold: float, progress: bool = True) -> ACDCResul
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
         raise ValueError(f"threshold must be a number in [0, 1) (faithfulness an edge may cost), got {threshold!r:.40}")
     start = time.perf_counter()
-    full, empty = patcher.endpoints()
-    if math.isclose(full, empty, rel_tol=0, abs_tol=1e-6):
-        raise ValueError(f"the metric is the same with every edge kept and with none ({full:.4g}): ACDC has nothing "
-                         f"to measure on these pairs")
+    full, empty = _endpoints(patcher)
     current = patcher.edge_candidates().clone()
     order = sorted(map(tuple, current.nonzero().tolist()), key=lambda e: (-e[0], e[1], -e[2], -e[3]))
     kept = float(patcher.run(current.float()[None], desc="ACDC")[0])
@@ -399,10 +398,21 @@ def _from_points(points: list[tuple[int, float, object]], levels=LEVELS):
     return needed, at_90
 
 
-def attention_discovery(model, pairs: PatchingPairs, name: str, *, ig_steps=(5, 20),
-                        acdc_thresholds=(0.0003, 0.001, 0.003, 0.01), progress: bool = True) -> list[MethodResult]:
+def _check_options(ig_steps, acdc_thresholds) -> None:
+    if not isinstance(ig_steps, (list, tuple)) or any(as_int(k) is None or not 2 <= as_int(k) <= MAX_IG_STEPS
+                                                      for k in ig_steps):
+        raise ValueError(f"ig_steps must be a list of ints in 2..{MAX_IG_STEPS} (EAP itself is k = 1), got "
+                         f"{ig_steps!r:.40}")
+    if not isinstance(acdc_thresholds, (list, tuple)) or not acdc_thresholds or any(
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1 for t in acdc_thresholds):
+        raise ValueError(f"acdc_thresholds must be a non-empty list of numbers in [0, 1), got {acdc_thresholds!r:.40}")
+
+
+def attention_discovery(model, pairs: PatchingPairs, name: str, *, ig_steps=IG_STEPS,
+                        acdc_thresholds=ACDC_THRESHOLDS, progress: bool = True) -> list[MethodResult]:
     """EAP, EAP-IG (each ``ig_steps``), ACDC (each threshold) and, on a sparse model, the read-off,
     at the attention-edge unit on ``pairs``."""
+    _check_options(ig_steps, acdc_thresholds)
     patcher, means = Patcher(model, pairs, progress=False), Patcher(model, pairs, progress=False, ablation="mean")
     ks = size_grid(n_attention_edges(patcher))
     results = []
@@ -472,7 +482,7 @@ def discover(dense, sparse, pairs: PatchingPairs, residual_pairs: PatchingPairs 
         raise ValueError("pairs must be PatchingPairs (see make_pairs), got None")
     if residual_pairs is not None and residual_pairs.task != pairs.task:
         raise ValueError("pairs and residual_pairs must be of the same task")
-    for name, model in (("dense", dense), ("sparse", sparse)):
+    for model in (dense, sparse):
         check_task(model, pairs.task)
     if gate_bias_of(dense) is not None or gate_bias_of(sparse) is None:
         raise ValueError(f"dense must be a model without gates and sparse one with them; got gate biases "
@@ -482,14 +492,7 @@ def discover(dense, sparse, pairs: PatchingPairs, residual_pairs: PatchingPairs 
     unknown = set(options) - {"ig_steps", "acdc_thresholds"}
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}; discover takes ig_steps and acdc_thresholds")
-    steps = options.get("ig_steps", (5, 20))
-    if not isinstance(steps, (list, tuple)) or any(as_int(k) is None or not 2 <= as_int(k) <= MAX_IG_STEPS for k in steps):
-        raise ValueError(f"ig_steps must be a list of ints in 2..{MAX_IG_STEPS} (EAP itself is k = 1), got {steps!r:.40}")
-    thresholds = options.get("acdc_thresholds", (0.0003, 0.001, 0.003, 0.01))
-    if not isinstance(thresholds, (list, tuple)) or not thresholds or any(
-            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1 for t in thresholds):
-        raise ValueError(f"acdc_thresholds must be a non-empty list of numbers in [0, 1), got {thresholds!r:.40}")
-    results = attention_discovery(dense, pairs, "dense", progress=progress, **options)
+    results = attention_discovery(dense, pairs, "dense", progress=progress, **options)  # checks the options first
     results += attention_discovery(sparse, pairs, "sparse", progress=progress, **options)
     if residual_pairs is not None:
         results += [residual_discovery(dense, residual_pairs, "dense", progress),
