@@ -31,8 +31,10 @@ run: $(STAMP)
 # Both cores, one thread each (conftest.py). --dist loadfile keeps a notebook's cells on one worker,
 # in order, as they share one kernel. (loadgroup cannot: under pytest 9 xdist's group suffix
 # on node ids is lost, so a notebook's cells were scattered over both workers.)
+# --no-loadscope-reorder keeps conftest.py's order, slowest files first, so the longest notebook
+# starts at once instead of last.
 test: $(STAMP)
-	$(PY) -m pytest --nbval -n 2 --dist loadfile
+	$(PY) -m pytest --nbval -n 2 --dist loadfile --no-loadscope-reorder
 
 # While editing: the unit tests alone, without the notebooks and the whole 3-digit enumerations.
 # Add --lf to run only what failed last time.
