@@ -67,7 +67,9 @@ def run_one(seed: int, threads: int, out: Path, digits: int = 2, code: str = "un
             "edges_min": on_all["open_edges_min"], "edges_max": on_all["open_edges_max"],
             "edges_per_layer": on_all["open_edges_per_layer"], "exact_match": on_all["exact_match"],
             "n_failures": on_all["n_failures"], "held_out_exact_match": metrics["test"]["exact_match"],
-            "selected_step": metrics["selected_step"], "sparsify_seconds": metrics["sparsify_seconds"],
+            "selected_step": metrics["selected_step"], "steps_run": metrics["steps"],
+            "rescue_windows_run": metrics.get("rescue_windows_run", 0), "rescued_from": metrics.get("rescued_from", []),
+            "sparsify_seconds": metrics["sparsify_seconds"],
             "wall_seconds": round(wall, 1), "warnings": metrics.get("warnings", []), "checkpoint": str(checkpoint)}
 
 
@@ -83,15 +85,21 @@ def summarise(rows: list[dict], digits: int = 2) -> dict:
             "median_meets_the_target": None if max_median is None else statistics.median(edges) <= max_median}
 
 
+def rescued(row: dict) -> str:
+    n = row.get("rescue_windows_run", 0)
+    return f" ({n} rescue window{'s' * (n > 1)})" if n else ""
+
+
 def markdown_table(rows: list[dict], summary: dict) -> str:
     digits = summary.get("digits", 2)
     min_exact_match, max_edges, max_median = BARS[digits]
-    lines = [f"| seed | threads | edges per input | min | max | per layer | exact match (all {10 ** (2 * digits):,}) | selected step | s (fine-tuning / wall) | warning |",
-             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    lines = [f"| seed | threads | edges per input | min | max | per layer | exact match (all {10 ** (2 * digits):,}) | selected step | steps run | s (fine-tuning / wall) | warning |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for row in rows:
         per_layer = " / ".join(f"{x:.2f}" for x in row["edges_per_layer"])
         lines.append(f"| {row['seed']} | {row['threads']} | {row['edges_mean']:.2f} | {row['edges_min']:.0f} | "
                      f"{row['edges_max']:.0f} | {per_layer} | {row['exact_match']:.2%} | {row['selected_step']} | "
+                     f"{row.get('steps_run', '-')}{rescued(row)} | "
                      f"{row['sparsify_seconds']:.0f} / {row['wall_seconds']:.0f} | "
                      f"{'; '.join(row.get('warnings', [])) or 'none'} |")
     target = "" if max_median is None else f" (target <= {max_median:g})"

@@ -140,7 +140,7 @@ def cmd_sparsify(args) -> dict:
     config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, early_slack=args.early_slack,
                             slack=args.slack, final_slack=args.final_slack, weight_decay=args.weight_decay,
                             prune_at=args.prune_at, eval_size=args.eval_size, edge_budget=args.edge_budget,
-                            seed=args.seed)
+                            rescue_windows=args.rescue_windows, seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
     out = _output_path(args.out, f"{sparse_config.name}.pt", "cli_sparsify", args.force)
     start = time.perf_counter()
@@ -149,7 +149,9 @@ def cmd_sparsify(args) -> dict:
         history = sparsify(model, split, config, progress=not args.json)
     seconds = time.perf_counter() - start
     metrics = evaluation_metrics(model, split)  # sparsify left a sparse model, gated at config.gate_bias
-    metrics.update(steps=config.steps, sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
+    rescues = [row["rescue"] for row in history if "rescue" in row]
+    metrics.update(steps=history[-1]["step"], rescue_windows_run=len(rescues), rescued_from=rescues,
+                   sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
                    tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"],
                    warnings=history[-1]["warnings"] + all_problems_warning(metrics))
     save_checkpoint(out, model, metrics=metrics, overwrite=args.force, replace_hint="--force",
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the whole split if it is no larger)")
     p.add_argument("--edge-budget", type=float, default=sparsify_defaults.edge_budget,
                    help="open edges per input above which the run warns (default 10, the 2-digit bar)")
+    p.add_argument("--rescue-windows", type=int, default=sparsify_defaults.rescue_windows,
+                   help="a run that misses its bar at the last step goes on for up to this many more final windows "
+                        "(0: it ends there)")
     p.add_argument("--seed", type=int, default=sparsify_defaults.seed)
     p.add_argument("--strict", action="store_true", help="exit with code 3 when the run misses its bar (a warning)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")

@@ -1,3 +1,4 @@
+import copy
 import math
 import warnings
 
@@ -7,7 +8,7 @@ import torch
 from sparsecirc.checkpoint import load_checkpoint, save_checkpoint
 from sparsecirc.evaluation import evaluate
 from sparsecirc.model import build_model
-from sparsecirc.sparse_attention import sparse_attention
+from sparsecirc.sparse_attention import set_gate_bias, sparse_attention
 from sparsecirc.sparsify import (LagrangeMultiplier, SparsifyConfig, SparsifyWarning, duplicate_edges, missed_bar, sparsify,
                                  sparsify_step)
 from sparsecirc.training import TrainConfig, train
@@ -138,7 +139,7 @@ def test_sparsify_ends_in_the_sparsest_state_that_meets_the_accuracy_bar(tiny_co
     assert abs(result.mean_open_edges - fewest["train_edges"]) < 1e-6
 
     unreachable = SparsifyConfig(gate_bias=2.0, batch_size=64, steps=20, eval_every=10,
-                                 select_accuracy=1.0)
+                                 select_accuracy=1.0, rescue_windows=0)  # no rescue: it ends at step 20
     fresh = build_model(tiny_config)  # untrained: never reaches 100%, so the final state is kept
     with pytest.warns(SparsifyWarning, match="no evaluated state reached the selection bar"):
         missed = sparsify(fresh, tiny_split, unreachable, progress=False)
@@ -167,6 +168,38 @@ def test_a_run_that_misses_its_bar_says_what_it_missed(tiny_config):
         SparsifyConfig(edge_budget=0.0)
     with pytest.raises(ValueError, match="verify_steps"):
         SparsifyConfig(verify_steps=-1)
+
+
+def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_does_not(tiny_config, tiny_split):
+    """A run whose selected state misses its bar at the last step goes on for up to
+    rescue_windows more final windows (the final window's schedule again); one that meets it ends
+    where it would have without them, float for float."""
+    model = build_model(tiny_config)
+    train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
+    base_state = copy.deepcopy(model.state_dict())
+    settings = dict(gate_bias=2.0, lr=3e-3, batch_size=64, steps=60, eval_every=20, slack=0.05, decay_fraction=0.2,
+                    select_accuracy=0.0)
+
+    def run(**changes):
+        model.load_state_dict(base_state)
+        set_gate_bias(model, None)
+        return sparsify(model, tiny_split, SparsifyConfig(**settings, **changes), progress=False)
+
+    met = run(rescue_windows=2, edge_budget=1000.0)
+    assert len(met) == 60 and not any("rescue" in row for row in met) and met[-1]["warnings"] == []
+    assert [row["ce"] for row in met] == [row["ce"] for row in run(rescue_windows=0, edge_budget=1000.0)]
+
+    with pytest.warns(SparsifyWarning, match="above the budget"):
+        missed = run(rescue_windows=2, edge_budget=0.01)  # no state can meet a budget of 0.01 edges
+    assert [row["step"] for row in missed] == list(range(1, 60 + 2 * 12 + 1))
+    assert [row["step"] for row in missed if "rescue" in row] == [60, 72]
+    assert "above the budget" in missed[59]["rescue"][0]
+    config = SparsifyConfig(**settings, rescue_windows=2)
+    for step in (61, 72, 73, 84):  # the rescue windows replay the final window's schedule: steps 49-60
+        assert missed[step - 1]["lr"] == missed[step - 1 - 12]["lr"] == settings["lr"] * config.lr_scale(step)
+        assert ("train_edges" in missed[step - 1]) == config.evaluates_at(step - 12)
+    with pytest.raises(ValueError, match="rescue_windows"):
+        SparsifyConfig(rescue_windows=-1)
 
 
 def test_weight_decay_keeps_the_gate_logits_smaller(tiny_config, tiny_split):
