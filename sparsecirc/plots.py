@@ -101,7 +101,8 @@ def check_sparsify_history(history) -> None:
 def plot_sparsify_history(history: list[dict], title: str = "Sparse attention post-training"):
     """Four panels against steps: CE and its target tau, the multiplier, open edges per input
     (log scale, with the steps where duplicate edges were closed), and held-out exact match
-    with deterministic gates."""
+    with deterministic gates; the final window, the selected step and the start of each rescue
+    window are marked."""
     check_sparsify_history(history)
     steps = [row["step"] for row in history]
     evals = [row for row in history if "test_edges" in row]
@@ -131,13 +132,18 @@ def plot_sparsify_history(history: list[dict], title: str = "Sparse attention po
     full_lr = history[0]["lr"]
     decay = [row["step"] for row in history if row["lr"] < full_lr]
     selected = history[-1].get("selected_step")
+    rescues = [row["step"] for row in history if "rescue" in row]  # a rescue window starts after each
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         if decay:
             ax.axvspan(decay[0], decay[-1], color="tab:gray", alpha=0.15, lw=0)
         if selected is not None:
             ax.axvline(selected, color="tab:purple", lw=1, ls=":")
-    fig.suptitle(title + ("  (grey: lr decays, tau tightens; dotted: selected state)" if decay else ""))
+        for step in rescues:
+            ax.axvline(step, color="tab:red", lw=1, ls="-.")
+    notes = (["grey: lr decays, tau tightens", "dotted: selected state"] if decay else []) + (
+        ["dash-dot: a rescue window starts"] if rescues else [])
+    fig.suptitle(title + (f"  ({'; '.join(notes)})" if notes else ""))
     fig.tight_layout()
     return fig
 

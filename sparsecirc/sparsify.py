@@ -104,12 +104,13 @@ class SparsifyConfig:
     ``select_accuracy``, a state from before the passes ended, or more than ``edge_budget``
     edges) goes on for up to ``rescue_windows`` more final windows, from its last state: the
     final window's schedule again (the learning rate back at ``lr``, decaying; tau from ``slack``
-    to ``final_slack``; the multipliers as they were), and the selection covers every evaluation,
-    these included. A run that meets its bar ends as it would without them, float for float. The
-    runs that failed had mostly run out of steps while still closing edges or just below the
-    selection bar after a dip; one or two more windows from where they stood mended three of the
-    five (seeds 4, 17 and 19 of 0-19), not the two whose passes or dips had left them far above
-    the budget (8 and 10).
+    to ``final_slack``; the multipliers as they were), without pruning passes, and the selection
+    covers every evaluation, these included. Without a final window (``decay_fraction=0``) there
+    is none to replay, and no rescue. A run that meets its bar ends as it would without them,
+    float for float. The runs that failed had mostly run out of steps while still closing edges
+    or just below the selection bar after a dip; one or two more windows from where they stood
+    mended three of the five (seeds 4, 17 and 19 of 0-19), not the two whose passes or dips had
+    left them far above the budget (8 and 10).
     """
 
     gate_bias: float = 3.0
@@ -200,7 +201,8 @@ class SparsifyConfig:
         return self.steps - window + (step - self.steps - 1) % window + 1
 
     def decay_progress(self, step: int) -> float:
-        """0 before the final window, rising linearly to 1 at the last ``step`` (counted from 1)."""
+        """0 before the final window, rising linearly to 1 at the last ``step`` (counted from 1);
+        in each rescue window the same again."""
         window = self.final_window()
         step = self.schedule_step(step)
         if window == 0:
@@ -341,7 +343,10 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
     ``test_exact_match``, ``test_loss`` and ``test_edges`` (edges: mean per input). The model is
     left in the selected state (see :class:`SparsifyConfig`), its step the last row's ``selected_step``;
     the last row's ``warnings`` lists what the run missed (:func:`missed_bar`), each also issued as a
-    :class:`SparsifyWarning`. The model is a sparse model from then on: every forward pass runs with its gates at ``config.gate_bias``.
+    :class:`SparsifyWarning`. A run that missed its bar at the last step may go on for up to
+    ``config.rescue_windows`` more final windows: the history then runs past ``config.steps``, and
+    the last row before each window holds ``rescue``, what it missed there. The model is a sparse
+    model from then on: every forward pass runs with its gates at ``config.gate_bias``.
     """
     if not isinstance(split, AdditionSplit) or not isinstance(config, SparsifyConfig):
         raise ValueError(f"sparsify needs an AdditionSplit and a SparsifyConfig, got {type(split).__name__} and "
@@ -450,7 +455,9 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                         row["rescue"] = missed
                         rescues += 1
                         end += config.final_window()
-                        bar.total = end
+                        done = bar.n
+                        bar.reset(total=end)  # reset, not total =: the notebook widget's length follows too
+                        bar.update(done)
             bar.close()
             if best is not None:
                 model.load_state_dict(best[2])

@@ -24,6 +24,9 @@ def test_plots_draw_from_real_runs(tmp_path, tiny_config, tiny_split):
     figures = [plot_training_history(history), plot_attention_patterns(patterns, tiny_split.task, "3+4", "07"),
                plot_sparsify_history(sparse_history), plot_edges_per_layer({"dense": [10.0, 10.0], "sparse": [2.0, 0.0]}),
                plot_edge_count_distribution([3, 4, 4, 5])]
+    rescues = [row["step"] for row in sparse_history if "rescue" in row]  # a 20-step model misses its bar
+    assert rescues and ("a rescue window starts" in figures[2]._suptitle.get_text())
+    assert all(sum(line.get_linestyle() == "-." for line in ax.lines) == len(rescues) for ax in figures[2].axes)
     for i, fig in enumerate(figures):
         path = tmp_path / f"figure{i}.png"
         fig.savefig(path)
