@@ -168,7 +168,8 @@ class SparsifyConfig:
         if self.edge_budget <= 0:
             raise ValueError(f"edge_budget must be positive, got {self.edge_budget}")
         if self.rescue_windows < 0:
-            raise ValueError(f"rescue_windows must be >= 0 (0: a run that misses its bar ends there), got {self.rescue_windows}")
+            raise ValueError(f"rescue_windows must be >= 0 (0: a run that misses its bar ends there), got "
+                             f"{self.rescue_windows}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.adam_beta2 < 1:
