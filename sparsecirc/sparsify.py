@@ -109,8 +109,9 @@ class SparsifyConfig:
     is none to replay, and no rescue. A run that meets its bar ends as it would without them,
     float for float. The runs that failed had mostly run out of steps while still closing edges
     or just below the selection bar after a dip; one or two more windows from where they stood
-    mended three of the five (seeds 4, 17 and 19 of 0-19), not the two whose passes or dips had
-    left them far above the budget (8 and 10).
+    mended three of the five (seeds 4, 17 and 19 of 0-19), not seed 8 (its passes had closed
+    needed edges) nor seed 10 (the window's learning rate, back at full, dipped it and reopened
+    edges).
     """
 
     gate_bias: float = 3.0
