@@ -274,12 +274,13 @@ class SparsifyWarning(UserWarning):
     """A sparsify run that missed its bar (see :func:`missed_bar`)."""
 
 
-def missed_bar(history: list[dict], config: SparsifyConfig) -> list[str]:
+def missed_bar(history: list[dict], config: SparsifyConfig, selected: int | None = None) -> list[str]:
     """What a finished run's ``history`` says it missed, one sentence each (empty: none): no
     evaluated state reached ``select_accuracy``; the selected state is from before the pruning
     passes ended and no state after them met the bar (they broke the run); the selected state has
-    more than ``edge_budget`` open edges per input on the training sample."""
-    selected = history[-1]["selected_step"]
+    more than ``edge_budget`` open edges per input on the training sample. ``selected``: the
+    selected step (default: the last row's ``selected_step``)."""
+    selected = history[-1]["selected_step"] if selected is None else selected
     rows = {row["step"]: row for row in history if "train_exact_match" in row}
     messages = []
     best = max(row["train_exact_match"] for row in rows.values()) if rows else None
@@ -450,9 +451,7 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                                     acc=f"{on_train.exact_match:.4f}")
                 history.append(row)
                 if step == end and rescues < config.rescue_windows and config.final_window() > 0:
-                    row["selected_step"] = best[1] if best is not None else step
-                    missed = missed_bar(history, config)
-                    del row["selected_step"]
+                    missed = missed_bar(history, config, best[1] if best is not None else step)
                     if missed:  # one more final window, from this state
                         row["rescue"] = missed
                         rescues += 1
