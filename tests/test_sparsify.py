@@ -303,7 +303,8 @@ def test_an_interrupted_sparsify_leaves_a_sparse_model_in_eval_mode(tiny_config,
         sparsify(model, tiny_split, SparsifyConfig(steps=1), progress=False)
 
 
-@pytest.mark.parametrize("bad", [{"batch_size": 2.5}, {"steps": True}, {"gate_bias": "3"}, {"lr": float("inf")}])
+@pytest.mark.parametrize("bad", [{"batch_size": 2.5}, {"steps": True}, {"gate_bias": "3"}, {"lr": float("inf")},
+                                 {"rescue_windows": 1.5}, {"rescue_windows": True}])
 def test_sparsify_config_checks_types(bad):
     with pytest.raises(ValueError):
         SparsifyConfig(**bad)
