@@ -195,11 +195,23 @@ def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_doe
     assert [row["step"] for row in missed if "rescue" in row] == [60, 72]
     assert "above the budget" in missed[59]["rescue"][0]
     config = SparsifyConfig(**settings, rescue_windows=2)
-    for step in (61, 72, 73, 84):  # the rescue windows replay the final window's schedule: steps 49-60
-        assert missed[step - 1]["lr"] == missed[step - 1 - 12]["lr"] == settings["lr"] * config.lr_scale(step)
+    for step in (61, 72, 73, 84):  # the rescue windows replay the final window's evaluations (steps 49-60) ...
+        assert missed[step - 1]["lr"] == settings["lr"] * config.lr_scale(step)
         assert ("train_edges" in missed[step - 1]) == config.evaluates_at(step - 12)
+        # ... but tau stays at the base loss plus rescue_slack (step 48's tau is base + slack) ...
+        assert missed[step - 1]["tau"] == pytest.approx(missed[47]["tau"] - settings["slack"] + config.rescue_slack)
+    # ... and the learning rate starts at rescue_lr_scale (0.3) times lr, not at lr, and falls to the same end
+    first = settings["lr"] * (config.rescue_lr_scale - (config.rescue_lr_scale - config.final_lr_scale) / 12)
+    assert missed[60]["lr"] == missed[72]["lr"] == pytest.approx(first) and missed[48]["lr"] > 2 * first
+    assert missed[71]["lr"] == missed[83]["lr"] == pytest.approx(missed[59]["lr"])
+    assert SparsifyConfig(**settings, rescue_lr_scale=1.0).lr_scale(61) == config.lr_scale(49)
     with pytest.raises(ValueError, match="rescue_windows"):
         SparsifyConfig(rescue_windows=-1)
+    for bad in (0.01, 1.5):  # below final_lr_scale (0.05) or above 1
+        with pytest.raises(ValueError, match="rescue_lr_scale"):
+            SparsifyConfig(rescue_lr_scale=bad)
+    with pytest.raises(ValueError, match="rescue_slack"):
+        SparsifyConfig(rescue_slack=-0.01)
 
 
 def test_weight_decay_keeps_the_gate_logits_smaller(tiny_config, tiny_split):
