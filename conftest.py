@@ -5,6 +5,7 @@ draws, go to a throwaway folder rather than the user's runs/ and the tracked fig
 run writes no tracked file.
 """
 import os
+import pathlib
 import tempfile
 
 os.environ.setdefault("SPARSECIRC_RUNS", tempfile.mkdtemp(prefix="sparsecirc-test-runs-"))
@@ -24,12 +25,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 # make test gives each worker whole files, in collection order (--dist loadfile
-# --no-loadscope-reorder): the slowest go first, so that neither worker starts notebook 03's
-# fine-tuning (about 6 of the suite's 13 worker-minutes under ATEN_CPU_CAPABILITY=default) late and
-# leaves the other idle. Slowest first by pytest --durations at one thread; then everything else,
-# in pytest's order. Within a file the order is kept (a notebook's cells share one kernel).
-SLOWEST_FIRST = ("03_sparse_post_training.ipynb", "06_three_digits.ipynb", "02_base_training.ipynb",
-                 "05_circuit_size.ipynb", "07_circuit_discovery.ipynb", "04_circuit_graphs.ipynb")
+# --no-loadscope-reorder): the slowest notebooks go first (tests/notebooks_slowest_first.txt, also
+# make run's order), then everything else, in pytest's order. Within a file the order is kept (a
+# notebook's cells share one kernel).
+_ORDER_FILE = pathlib.Path(__file__).parent / "tests" / "notebooks_slowest_first.txt"
+SLOWEST_FIRST = tuple(line.strip() for line in _ORDER_FILE.read_text().splitlines()
+                      if line.strip() and not line.startswith("#"))
 
 
 def pytest_collection_modifyitems(config, items):
