@@ -140,7 +140,8 @@ def cmd_sparsify(args) -> dict:
     config = SparsifyConfig(gate_bias=args.gate_bias, lr=args.lr, steps=args.steps, early_slack=args.early_slack,
                             slack=args.slack, final_slack=args.final_slack, weight_decay=args.weight_decay,
                             prune_at=args.prune_at, eval_size=args.eval_size, edge_budget=args.edge_budget,
-                            rescue_windows=args.rescue_windows, seed=args.seed)
+                            rescue_windows=args.rescue_windows, rescue_lr_scale=args.rescue_lr_scale,
+                            rescue_slack=args.rescue_slack, seed=args.seed)
     sparse_config = base.config.sparse(config.gate_bias)
     out = _output_path(args.out, f"{sparse_config.name}.pt", "cli_sparsify", args.force)
     start = time.perf_counter()
@@ -236,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open edges per input above which the run warns (default 10, the 2-digit bar)")
     p.add_argument("--rescue-windows", type=int, default=sparsify_defaults.rescue_windows,
                    help="a run that misses its bar at the last step goes on for up to this many more final windows "
-                        "(0: it ends there)")
+                        "(0: it ends there); it stops at the first that ends with its bar met")
+    p.add_argument("--rescue-lr-scale", type=float, default=sparsify_defaults.rescue_lr_scale,
+                   help="a rescue window's learning rate starts at this fraction of --lr and decays as the final "
+                        "window's does")
+    p.add_argument("--rescue-slack", type=float, default=sparsify_defaults.rescue_slack,
+                   help="slack of tau over the base loss throughout the rescue windows")
     p.add_argument("--seed", type=int, default=sparsify_defaults.seed)
     p.add_argument("--strict", action="store_true", help="exit with code 3 when the run misses its bar (a warning)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON (no progress bar)")

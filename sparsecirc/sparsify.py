@@ -175,9 +175,8 @@ class SparsifyConfig:
         if self.rescue_windows < 0:
             raise ValueError(f"rescue_windows must be >= 0 (0: a run that misses its bar ends there), got "
                              f"{self.rescue_windows}")
-        if not self.final_lr_scale <= self.rescue_lr_scale <= 1:
-            raise ValueError(f"rescue_lr_scale must be in [final_lr_scale, 1] = [{self.final_lr_scale}, 1], got "
-                             f"{self.rescue_lr_scale}")
+        if not 0 < self.rescue_lr_scale <= 1:
+            raise ValueError(f"rescue_lr_scale must be in (0, 1] (a fraction of lr), got {self.rescue_lr_scale}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.adam_beta2 < 1:

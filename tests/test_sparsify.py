@@ -1,4 +1,5 @@
 import copy
+import importlib
 import math
 import warnings
 
@@ -12,6 +13,8 @@ from sparsecirc.sparse_attention import set_gate_bias, sparse_attention
 from sparsecirc.sparsify import (LagrangeMultiplier, SparsifyConfig, SparsifyWarning, duplicate_edges, missed_bar, sparsify,
                                  sparsify_step)
 from sparsecirc.training import TrainConfig, train
+
+sparsify_module = importlib.import_module("sparsecirc.sparsify")  # the name sparsify is the function
 
 
 def test_multiplier_grows_while_the_constraint_is_violated():
@@ -170,10 +173,12 @@ def test_a_run_that_misses_its_bar_says_what_it_missed(tiny_config):
         SparsifyConfig(verify_steps=-1)
 
 
-def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_does_not(tiny_config, tiny_split):
+def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_does_not(tiny_config, tiny_split,
+                                                                                      monkeypatch):
     """A run whose selected state misses its bar at the last step goes on for up to
-    rescue_windows more final windows (the final window's schedule again); one that meets it ends
-    where it would have without them, float for float."""
+    rescue_windows more windows (the final window's evaluations, a lower learning rate, tau held)
+    and stops at the first that ends with its bar met; one that meets it ends where it would have
+    without them, float for float."""
     model = build_model(tiny_config)
     train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
     base_state = copy.deepcopy(model.state_dict())
@@ -207,9 +212,21 @@ def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_doe
     assert SparsifyConfig(**settings, rescue_lr_scale=1.0).lr_scale(61) == config.lr_scale(49)
     with pytest.raises(ValueError, match="rescue_windows"):
         SparsifyConfig(rescue_windows=-1)
-    for bad in (0.01, 1.5):  # below final_lr_scale (0.05) or above 1
+    for bad in (0.0, -0.3, 1.5):  # a fraction of lr in (0, 1]
         with pytest.raises(ValueError, match="rescue_lr_scale"):
             SparsifyConfig(rescue_lr_scale=bad)
+    SparsifyConfig(final_lr_scale=0.5)  # a rescue that starts below the final learning rate and rises is allowed
+
+    # a run mended by its first window stops there: the bar is missed at step 60 only
+    calls = []
+
+    def missed_once(history, config, selected=None):
+        calls.append(history[-1]["step"])
+        return ["missed at the last step"] if len(calls) == 1 else []
+    monkeypatch.setattr(sparsify_module, "missed_bar", missed_once)
+    mended = run(rescue_windows=4, edge_budget=0.01)
+    assert [row["step"] for row in mended if "rescue" in row] == [60] and len(mended) == 72
+    assert calls[:2] == [60, 72] and mended[-1]["warnings"] == []
     with pytest.raises(ValueError, match="rescue_slack"):
         SparsifyConfig(rescue_slack=-0.01)
 
