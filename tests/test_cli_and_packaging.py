@@ -145,6 +145,14 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert f"\n{ci}\n" in readme
 
 
+def test_the_slowest_first_order_names_only_notebooks_that_exist():
+    """make run and make test start notebooks in this order; a stale name would be skipped silently."""
+    listed = (ROOT / "tests" / "notebooks_slowest_first.txt").read_text().splitlines()
+    names = [line.strip() for line in listed if line.strip() and not line.startswith("#")]
+    assert names and len(set(names)) == len(names)
+    assert [name for name in names if not (ROOT / "notebooks" / name).is_file()] == []
+
+
 def test_cli_sparsify_then_evaluate_reports_edges(tmp_path, capsys):
     data = tmp_path / "d.json"
     main(["data", "--operand-digits", "1", "--answer-digits", "2", "--test-size", "20", "--out", str(data)])
@@ -243,12 +251,14 @@ def test_cli_three_digits_end_to_end_with_sampled_evaluation(tmp_path, capsys):
     trained = json.loads(capsys.readouterr().out)
     assert trained["all"]["n"] == 1_000_000 and trained["test"]["n"] == 1000 and trained["steps"] == 20
     assert main(["sparsify", "--base", str(base), "--data", str(data), "--out", str(sparse), "--steps", "10",
-                 "--eval-size", "200", "--json"]) == 0
+                 "--eval-size", "200", "--rescue-lr-scale", "0.5", "--rescue-slack", "0.02", "--json"]) == 0
     sparsified = json.loads(capsys.readouterr().out)
     assert sparsified["all"]["n"] == 1_000_000 and sparsified["all"]["mean_open_edges"] is not None
     from sparsecirc import load_checkpoint
 
-    history = load_checkpoint(sparse)[1].extra["history"]
+    extra = load_checkpoint(sparse)[1].extra
+    assert extra["sparsify_config"]["rescue_lr_scale"] == 0.5 and extra["sparsify_config"]["rescue_slack"] == 0.02
+    history = extra["history"]
     assert history[-1]["step"] == sparsified["steps"] and "train_exact_match" in history[-1]
     # a 20-step base model misses the bar: four rescue windows of 2 steps each (the final window, 20% of 10 steps)
     assert sparsified["steps"] == 18 and sparsified["rescue_windows_run"] == 4 and sparsified["warnings"]
