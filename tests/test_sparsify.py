@@ -216,6 +216,8 @@ def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_doe
         with pytest.raises(ValueError, match="rescue_lr_scale"):
             SparsifyConfig(rescue_lr_scale=bad)
     SparsifyConfig(final_lr_scale=0.5)  # a rescue that starts below the final learning rate and rises is allowed
+    with pytest.raises(ValueError, match="rescue_slack"):
+        SparsifyConfig(rescue_slack=-0.01)
 
     # a run mended by its first window stops there: the bar is missed at step 60 only
     calls = []
@@ -227,8 +229,6 @@ def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_doe
     mended = run(rescue_windows=4, edge_budget=0.01)
     assert [row["step"] for row in mended if "rescue" in row] == [60] and len(mended) == 72
     assert calls[:2] == [60, 72] and mended[-1]["warnings"] == []
-    with pytest.raises(ValueError, match="rescue_slack"):
-        SparsifyConfig(rescue_slack=-0.01)
 
 
 def test_weight_decay_keeps_the_gate_logits_smaller(tiny_config, tiny_split):
