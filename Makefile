@@ -1,7 +1,7 @@
 # Two entry points, both from a fresh clone with only Python 3.11, git and make:
 #   make run   set up .venv if needed, then execute every notebook top to bottom, saving outputs
 #   make test  set up .venv if needed, then run the unit tests and nbval over every notebook
-#   make test-fast  the unit tests alone, for editing (under a minute)
+#   make test-fast  the unit tests alone, for editing (about a minute)
 #   make lab   set up .venv if needed, then open the notebooks in JupyterLab
 PYTHON ?= python3
 VENV := .venv
