@@ -183,11 +183,12 @@ class SparsifyConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
-        if (min(self.early_slack, self.slack, self.final_slack, self.rescue_slack) < 0
-                or not 0 <= self.constraint_ema < 1 or self.multiplier_lr < 0):
-            raise ValueError(f"need early_slack, slack, final_slack, rescue_slack >= 0, 0 <= constraint_ema < 1, "
-                             f"multiplier_lr >= 0 "
-                             f"(0: a fixed penalty weight, multiplier_init): {self}")
+        for name in ("early_slack", "slack", "final_slack", "rescue_slack"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (tau's margin over the base loss), got {getattr(self, name)}")
+        if not 0 <= self.constraint_ema < 1 or self.multiplier_lr < 0:
+            raise ValueError(f"need 0 <= constraint_ema < 1 and multiplier_lr >= 0 (0: a fixed penalty weight, "
+                             f"multiplier_init), got {self.constraint_ema} and {self.multiplier_lr}")
         if not 0 < self.multiplier_min <= self.multiplier_init <= self.multiplier_max:
             raise ValueError(f"need 0 < multiplier_min <= multiplier_init <= multiplier_max: {self}")
 

@@ -102,8 +102,9 @@ def test_tau_is_looser_until_the_first_pruning_pass_then_only_tightens():
     assert math.isclose(taus[-1], 0.05)
     # without pruning there is no early phase
     assert math.isclose(SparsifyConfig(steps=100, prune_at=0.0, early_slack=0.03, slack=0.01).tau(0.05, 1), 0.06)
-    with pytest.raises(ValueError, match="early_slack"):
-        SparsifyConfig(early_slack=-0.01)
+    for name in ("early_slack", "slack", "final_slack"):
+        with pytest.raises(ValueError, match=f"^{name} must be >= 0"):
+            SparsifyConfig(**{name: -0.01})
 
 
 def test_tiny_sparsify_closes_edges_logs_every_step_and_round_trips(tmp_path, tiny_config, tiny_split):
@@ -216,7 +217,7 @@ def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_doe
         with pytest.raises(ValueError, match="rescue_lr_scale"):
             SparsifyConfig(rescue_lr_scale=bad)
     SparsifyConfig(final_lr_scale=0.5)  # a rescue that starts below the final learning rate and rises is allowed
-    with pytest.raises(ValueError, match="rescue_slack"):
+    with pytest.raises(ValueError, match="^rescue_slack must be >= 0"):
         SparsifyConfig(rescue_slack=-0.01)
 
     # a run mended by its first window stops there: the bar is missed at step 60 only
