@@ -69,6 +69,7 @@ def run_one(seed: int, threads: int, out: Path, digits: int = 2, code: str = "un
             "n_failures": on_all["n_failures"], "held_out_exact_match": metrics["test"]["exact_match"],
             "selected_step": metrics["selected_step"], "steps_run": metrics["steps"],
             "rescue_windows_run": metrics.get("rescue_windows_run", 0), "rescued_from": metrics.get("rescued_from", []),
+            "rescue_restarted_from": metrics.get("rescue_restarted_from", []),
             "sparsify_seconds": metrics["sparsify_seconds"],
             "wall_seconds": round(wall, 1), "warnings": metrics.get("warnings", []), "checkpoint": str(checkpoint)}
 
@@ -87,7 +88,9 @@ def summarise(rows: list[dict], digits: int = 2) -> dict:
 
 def rescued(row: dict) -> str:
     n = row.get("rescue_windows_run", 0)
-    return f" ({n} rescue window{'s' * (n > 1)})" if n else ""
+    restarts = row.get("rescue_restarted_from", [])
+    restarted = f", restarted from step {', '.join(map(str, restarts))}" if restarts else ""
+    return f" ({n} rescue window{'s' * (n > 1)}{restarted})" if n else ""
 
 
 def markdown_table(rows: list[dict], summary: dict) -> str:

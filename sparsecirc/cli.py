@@ -152,6 +152,7 @@ def cmd_sparsify(args) -> dict:
     metrics = evaluation_metrics(model, split)  # sparsify left a sparse model, gated at config.gate_bias
     rescues = [row["rescue"] for row in history if "rescue" in row]
     metrics.update(steps=history[-1]["step"], rescue_windows_run=len(rescues), rescued_from=rescues,
+                   rescue_restarted_from=[row["restarted_from"] for row in history if "restarted_from" in row],
                    sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
                    tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"],
                    warnings=history[-1]["warnings"] + all_problems_warning(metrics))

@@ -102,10 +102,13 @@ class SparsifyConfig:
 
     A run whose selected state misses its bar at the last step (:func:`missed_bar`: no state at
     ``select_accuracy``, a state from before the passes ended, or more than ``edge_budget``
-    edges) goes on for up to ``rescue_windows`` more final windows, from its last state, until one
-    ends with its bar met: the final window's evaluations again, the learning rate up at
+    edges) goes on for up to ``rescue_windows`` more final windows until one ends with its bar met.
+    The first starts from the run's last state; a later one from the last state too, unless the
+    window before it ended worse than the selected state (a window can dip the run and let edges
+    regrow), then from the selected state (weights, optimiser, multipliers, replay set) with fresh
+    batches and gate samples (``rescue_restarts=False``: always from the last state). In each: the final window's evaluations again, the learning rate up at
     ``rescue_lr_scale`` times ``lr`` and falling to ``final_lr_scale`` times ``lr``, tau held at
-    the base loss plus ``rescue_slack``, the multipliers as they were, no pruning passes; the
+    the base loss plus ``rescue_slack``, the multipliers carried over, no pruning passes; the
     selection covers these evaluations too. Without a final window (``decay_fraction=0``) there is
     none to replay, and no rescue. A run that meets its bar ends as it would without them, float
     for float. The runs that missed had run out of steps while still closing edges, had their
@@ -148,6 +151,7 @@ class SparsifyConfig:
     rescue_windows: int = 4
     rescue_lr_scale: float = 0.3
     rescue_slack: float = 0.01
+    rescue_restarts: bool = True  # a window after one that ended worse than the selected state starts from it
     seed: int = 0
 
     def __post_init__(self):
@@ -164,8 +168,9 @@ class SparsifyConfig:
                              f"{self.prune_at}, {self.prune_until}, {self.prune_margin} and {self.prune_weight}")
         if self.replay_size < 0:
             raise ValueError(f"replay_size must be >= 0 (0: no replay of failed problems), got {self.replay_size}")
-        if not isinstance(self.prune_needs_bar, bool):
-            raise ValueError(f"prune_needs_bar must be True or False, got {self.prune_needs_bar!r}")
+        for name in ("prune_needs_bar", "rescue_restarts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.batch_size > MAX_BATCH_SIZE:
             raise ValueError(f"batch_size must be at most {MAX_BATCH_SIZE:,}, got {self.batch_size:,}")
         if not 0 <= self.seed < 2**63 - 1:  # seed + 1 seeds the gates' generator
@@ -402,7 +407,18 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
 
     def state_now():
         return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "closed": closed,
-                              "multipliers": [(m.value, m.constraint_ema) for m in (multiplier, push_multiplier)]})
+                              "multipliers": [(m.value, m.constraint_ema) for m in (multiplier, push_multiplier)],
+                              "replay": replay})
+
+    def restore(state):  # a copy: the same state may be restored again
+        nonlocal closed
+        state = copy.deepcopy(state)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for m, (value, ema) in zip((multiplier, push_multiplier), state["multipliers"]):
+            m.value, m.constraint_ema = value, ema
+        closed = state["closed"]
+        return state
     with keep_freed_memory():  # an evaluation every 50-100 steps: its buffers are not faulted in again each time
         try:
             model.train()
@@ -437,7 +453,7 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                         replay = task.encode_operands(wrong[:, 0], wrong[:, 1]) if len(wrong) else None
                         row["replayed"] = len(wrong)
                     if on_train.exact_match >= config.select_accuracy and (best is None or on_train.mean_open_edges <= best[0]):
-                        best = (on_train.mean_open_edges, step, copy.deepcopy(model.state_dict()))
+                        best = (on_train.mean_open_edges, step, state_now())  # whole: a rescue window may restart here
                     if pending is not None and step > pending[0]:
                         shut = evaluate(model, task, train_sample, gate_bias=config.gate_bias, edge_mask=(~closed).float())
                         row["exact_match_closed_shut"] = shut.exact_match
@@ -445,11 +461,8 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                             pending = None  # back at the bar with every closed edge shut: they stay shut
                         elif config.verify_steps and step - pending[0] >= config.verify_steps:
                             _, before, failed = pending
-                            model.load_state_dict(before["model"])
-                            optimizer.load_state_dict(before["optimizer"])
-                            for m, (value, ema) in zip((multiplier, push_multiplier), before["multipliers"]):
-                                m.value, m.constraint_ema = value, ema
-                            closed, pending = before["closed"], None
+                            restore(before)
+                            pending = None
                             needed = failed if needed is None else needed | failed
                             row["reopened_edges"] = int(failed.sum())
                     at_bar = on_train.exact_match >= config.select_accuracy
@@ -469,8 +482,11 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                 history.append(row)
                 if step == end and rescues < config.rescue_windows and config.final_window() > 0:
                     missed = missed_bar(history, config, best[1] if best is not None else step)
-                    if missed:  # one more final window, from this state
-                        row["rescue"] = missed
+                    if missed:  # one more final window: from this state, or from the selected one if the
+                        row["rescue"] = missed  # window that ends here left the run worse than that
+                        if config.rescue_restarts and rescues and best is not None and best[1] < step:
+                            replay = restore(best[2])["replay"]
+                            row["restarted_from"] = best[1]
                         rescues += 1
                         end += config.final_window()
                         done = bar.n
@@ -478,7 +494,7 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                         bar.update(done)
             bar.close()
             if best is not None:
-                model.load_state_dict(best[2])
+                model.load_state_dict(best[2]["model"])
             history[-1]["selected_step"] = best[1] if best is not None else step
             history[-1]["warnings"] = missed_bar(history, config)
         finally:  # also when interrupted: the half-trained model is sparse, never silently dense

@@ -263,6 +263,8 @@ def test_cli_three_digits_end_to_end_with_sampled_evaluation(tmp_path, capsys):
     # a 20-step base model misses the bar: four rescue windows of 2 steps each (the final window, 20% of 10 steps)
     assert sparsified["steps"] == 18 and sparsified["rescue_windows_run"] == 4 and sparsified["warnings"]
     assert len(sparsified["rescued_from"]) == 4 and all(sparsified["rescued_from"])
+    restarts = [row["restarted_from"] for row in history if "restarted_from" in row]  # windows that began at the
+    assert sparsified["rescue_restarted_from"] == restarts and all(step < 18 for step in restarts)  # selected state
 
 
 def test_a_sampled_four_digit_split_trains_through_the_cli(tmp_path, capsys):

@@ -87,12 +87,12 @@ def shipped_two_digit():
     return base, sparse, task, everything
 
 
-@pytest.mark.parametrize("which, options", [
-    ("base", {}),                                   # dense model
-    ("sparse", {}),                                 # a sparse model's own gates
-    ("base", {"gate_bias": 3.0}),                   # gates asked for by name
-    ("sparse", {"close": True}),                    # ablation on top of the gates
-    ("base", {"close": True, "dense": True}),       # ablation on a dense model
+@pytest.mark.parametrize("which, options", [  # make test-fast keeps the two sparse cases; make test runs all five
+    pytest.param("base", {}, marks=pytest.mark.slow),                                  # dense model
+    ("sparse", {}),                                                                    # a sparse model's own gates
+    pytest.param("base", {"gate_bias": 3.0}, marks=pytest.mark.slow),                  # gates asked for by name
+    ("sparse", {"close": True}),                                                       # ablation on top of the gates
+    pytest.param("base", {"close": True, "dense": True}, marks=pytest.mark.slow),      # ablation on a dense model
 ])
 def test_lean_pass_matches_the_bridge_on_every_two_digit_problem(shipped_two_digit, monkeypatch, which, options):
     base, sparse, task, everything = shipped_two_digit
