@@ -487,6 +487,8 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                         if config.rescue_restarts and rescues and best is not None and best[1] < step:
                             replay = restore(best[2])["replay"]
                             row["restarted_from"] = best[1]
+                            if pending is not None and best[1] <= pending[0]:
+                                pending = None  # the pass it was verifying had not happened yet
                         rescues += 1
                         end += config.final_window()
                         done = bar.n

@@ -236,47 +236,52 @@ def test_a_rescue_window_after_one_that_ended_worse_starts_from_the_selected_sta
                                                                                    monkeypatch):
     """The first rescue window starts from the run's last state; a later one, if the window before
     it ended worse than the selected state, from the selected state (weights, optimiser,
-    multipliers): here the first window is made to end with every edge open (q zeroed: each gate
-    logit is the bias), so the second starts where the fewest edges were."""
+    multipliers, replay set). Here the first two windows are made to end with every edge open
+    (q zeroed after each of steps 72-84: each gate logit is the bias), so the second and the third
+    both start from the state with the fewest edges, the same one twice."""
     model = build_model(tiny_config)
     train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
     base_state = copy.deepcopy(model.state_dict())
     settings = dict(gate_bias=2.0, lr=3e-3, batch_size=64, steps=60, eval_every=20, slack=0.05, decay_fraction=0.2,
-                    select_accuracy=0.0, rescue_windows=2, edge_budget=0.01)  # no state meets the budget
-    real_step, steps, q_zero_at_73 = sparsify_module.sparsify_step, [], []
+                    select_accuracy=0.0, rescue_windows=3, edge_budget=0.01)  # no state meets the budget
+    real_step, seen = sparsify_module.sparsify_step, {}  # seen[step]: what that step started from
 
-    def step_that_opens_every_edge_at_step_72(*args, **kwargs):
-        if len(steps) + 1 == 73:  # the second window's first step: from which weights?
-            q_zero_at_73.append(all(not block.attn.q.weight.any() for block in model.blocks))
-        stats = real_step(*args, **kwargs)
-        steps.append(len(steps) + 1)
-        if steps[-1] == 72:  # the first window's last step
+    def step_that_opens_every_edge_in_steps_72_to_84(model, optimizer, tokens, *args, **kwargs):
+        step = len(seen) + 1
+        param = model.blocks[0].attn.q.weight
+        state = optimizer.state.get(param, {})
+        seen[step] = (param.detach().clone(), state["exp_avg"].clone() if "exp_avg" in state else None,
+                      tokens[64:].clone())  # tokens past the batch of 64: the replayed problems
+        stats = real_step(model, optimizer, tokens, *args, **kwargs)
+        if 72 <= step <= 84:
             with torch.no_grad():
                 for block in model.blocks:
                     block.attn.q.weight.zero_()
                     block.attn.q.bias.zero_()
         return stats
-    monkeypatch.setattr(sparsify_module, "sparsify_step", step_that_opens_every_edge_at_step_72)
+    monkeypatch.setattr(sparsify_module, "sparsify_step", step_that_opens_every_edge_in_steps_72_to_84)
 
     def run(**changes):
         model.load_state_dict(base_state)
         set_gate_bias(model, None)
-        steps.clear()
-        q_zero_at_73.clear()
+        seen.clear()
         with pytest.warns(SparsifyWarning, match="above the budget"):
             return sparsify(model, tiny_split, SparsifyConfig(**settings, **changes), progress=False)
 
     history = run()
-    assert [row["step"] for row in history if "rescue" in row] == [60, 72]
+    assert [row["step"] for row in history if "rescue" in row] == [60, 72, 84]
     edges = {row["step"]: row["train_edges"] for row in history if "train_edges" in row}
     best = max((step for step in edges if step < 72), key=lambda step: (-edges[step], step))  # fewest, latest on ties
-    assert edges[best] < edges[72]  # the first window did end worse than the selected state
-    assert "restarted_from" not in history[59] and history[71]["restarted_from"] == best
-    # the second window starts from the selected state: its weights, and the multiplier step best + 1 read
-    assert q_zero_at_73 == [False] and history[72]["multiplier"] == history[best]["multiplier"]
+    assert edges[best] < min(edges[step] for step in edges if 72 <= step <= 84)  # those windows did end worse
+    assert "restarted_from" not in history[59] and history[71]["restarted_from"] == history[83]["restarted_from"] == best
+    for first in (73, 85):  # each later window starts where step best + 1 started: weights, Adam's moments,
+        weights, moments, replayed = seen[first]  # the replayed problems and the multiplier
+        assert torch.equal(weights, seen[best + 1][0]) and weights.any()
+        assert torch.equal(moments, seen[best + 1][1]) and torch.equal(replayed, seen[best + 1][2])
+        assert history[first - 1]["multiplier"] == history[best]["multiplier"]
 
     without = run(rescue_restarts=False)  # then every window starts from the last state
-    assert not any("restarted_from" in row for row in without) and q_zero_at_73 == [True]
+    assert not any("restarted_from" in row for row in without) and not seen[73][0].any()
     assert [row["ce"] for row in without[:72]] == [row["ce"] for row in history[:72]]
     with pytest.raises(ValueError, match="rescue_restarts must be True or False"):
         SparsifyConfig(rescue_restarts=1)
