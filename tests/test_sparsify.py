@@ -234,16 +234,16 @@ def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_doe
 
 def test_a_rescue_window_after_one_that_ended_worse_starts_from_the_selected_state(tiny_config, tiny_split,
                                                                                    monkeypatch):
-    """The first rescue window starts from the run's last state; a later one, if the window before
-    it ended worse than the selected state, from the selected state (weights, optimiser,
-    multipliers, replay set). Here the first two windows are made to end with every edge open
+    """With rescue_restarts (off by default), the first rescue window starts from the run's last
+    state; a later one, if the window before it ended worse than the selected state, from the
+    selected state (weights, optimiser, multipliers, replay set). Here the first two windows are made to end with every edge open
     (q zeroed after each of steps 72-84: each gate logit is the bias), so the second and the third
     both start from the state with the fewest edges, the same one twice."""
     model = build_model(tiny_config)
     train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
     base_state = copy.deepcopy(model.state_dict())
     settings = dict(gate_bias=2.0, lr=3e-3, batch_size=64, steps=60, eval_every=20, slack=0.05, decay_fraction=0.2,
-                    select_accuracy=0.0, rescue_windows=3, edge_budget=0.01)  # no state meets the budget
+                    select_accuracy=0.0, rescue_windows=3, edge_budget=0.01, rescue_restarts=True)  # no state meets the budget
     real_step, seen = sparsify_module.sparsify_step, {}  # seen[step]: what that step started from
 
     def step_that_opens_every_edge_in_steps_72_to_84(model, optimizer, tokens, *args, **kwargs):
@@ -280,7 +280,8 @@ def test_a_rescue_window_after_one_that_ended_worse_starts_from_the_selected_sta
         assert torch.equal(moments, seen[best + 1][1]) and torch.equal(replayed, seen[best + 1][2])
         assert history[first - 1]["multiplier"] == history[best]["multiplier"]
 
-    without = run(rescue_restarts=False)  # then every window starts from the last state
+    settings.pop("rescue_restarts")
+    without = run()  # the default: every window starts from the last state
     assert not any("restarted_from" in row for row in without) and not seen[73][0].any()
     assert [row["ce"] for row in without[:72]] == [row["ce"] for row in history[:72]]
     with pytest.raises(ValueError, match="rescue_restarts must be True or False"):
