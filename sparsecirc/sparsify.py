@@ -485,8 +485,8 @@ def sparsify(model, split: AdditionSplit, config: SparsifyConfig = SparsifyConfi
                 history.append(row)
                 if step == end and rescues < config.rescue_windows and config.final_window() > 0:
                     missed = missed_bar(history, config, best[1] if best is not None else step)
-                    if missed:  # one more final window: from this state, or from the selected one if the
-                        row["rescue"] = missed  # window that ends here left the run worse than that
+                    if missed:  # one more final window, from this state (with rescue_restarts, from the
+                        row["rescue"] = missed  # selected one if the window ending here left the run worse)
                         if config.rescue_restarts and rescues and best is not None and best[1] < step:
                             replay = restore(best[2])["replay"]
                             row["restarted_from"] = best[1]
