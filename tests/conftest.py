@@ -30,9 +30,27 @@ def tiny_config():
     return TINY
 
 
+def _tiny_split():
+    return make_split(AdditionTask(1, 2), test_size=20, seed=0)
+
+
 @pytest.fixture
 def tiny_split():
-    return make_split(AdditionTask(1, 2), test_size=20, seed=0)
+    return _tiny_split()
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_state():
+    """The tiny model trained for 300 steps on ``tiny_split``, as a state dict: the base model of
+    many sparsify tests, trained once per test process (each test builds its own model from it)."""
+    import copy
+
+    from sparsecirc.model import build_model
+    from sparsecirc.training import TrainConfig, train
+
+    model = build_model(TINY)
+    train(model, _tiny_split(), TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
+    return copy.deepcopy(model.state_dict())
 
 
 def bridge_twin(model):

@@ -17,6 +17,13 @@ from sparsecirc.training import TrainConfig, train
 sparsify_module = importlib.import_module("sparsecirc.sparsify")  # the name sparsify is the function
 
 
+def tiny_base(config, trained_state):
+    """A fresh model holding the shared trained tiny weights (conftest's ``tiny_trained_state``)."""
+    model = build_model(config)
+    model.load_state_dict(trained_state)
+    return model
+
+
 def test_multiplier_grows_while_the_constraint_is_violated():
     m = LagrangeMultiplier(tau=0.1, init=1.0, lr=0.1, ema=0.5)
     values = [m.update(0.5) for _ in range(20)]
@@ -107,9 +114,9 @@ def test_tau_is_looser_until_the_first_pruning_pass_then_only_tightens():
             SparsifyConfig(**{name: -0.01})
 
 
-def test_tiny_sparsify_closes_edges_logs_every_step_and_round_trips(tmp_path, tiny_config, tiny_split):
-    model = build_model(tiny_config)
-    train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
+def test_tiny_sparsify_closes_edges_logs_every_step_and_round_trips(tmp_path, tiny_config, tiny_split,
+                                                                    tiny_trained_state):
+    model = tiny_base(tiny_config, tiny_trained_state)
     config = SparsifyConfig(gate_bias=2.0, lr=3e-3, batch_size=64, steps=120, eval_every=40, slack=0.05, decay_fraction=0.0,
                             multiplier_init=1.0, multiplier_min=0.1)  # weak start: sparsity pressure from the first step
     history = sparsify(model, tiny_split, config, progress=False)
@@ -130,9 +137,9 @@ def test_tiny_sparsify_closes_edges_logs_every_step_and_round_trips(tmp_path, ti
         load_checkpoint(path, expected_config=tiny_config)  # a sparse checkpoint is not the dense config
 
 
-def test_sparsify_ends_in_the_sparsest_state_that_meets_the_accuracy_bar(tiny_config, tiny_split):
-    model = build_model(tiny_config)
-    train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
+def test_sparsify_ends_in_the_sparsest_state_that_meets_the_accuracy_bar(tiny_config, tiny_split,
+                                                                         tiny_trained_state):
+    model = tiny_base(tiny_config, tiny_trained_state)
     config = SparsifyConfig(gate_bias=2.0, lr=3e-3, batch_size=64, steps=90, eval_every=30, slack=0.05,
                             select_accuracy=0.0)  # every evaluated state qualifies
     history = sparsify(model, tiny_split, config, progress=False)
@@ -175,14 +182,12 @@ def test_a_run_that_misses_its_bar_says_what_it_missed(tiny_config):
 
 
 def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_does_not(tiny_config, tiny_split,
-                                                                                      monkeypatch):
+                                                                                      tiny_trained_state, monkeypatch):
     """A run whose selected state misses its bar at the last step goes on for up to
     rescue_windows more windows (the final window's evaluations, a lower learning rate, tau held)
     and stops at the first that ends with its bar met; one that meets it ends where it would have
     without them, float for float."""
-    model = build_model(tiny_config)
-    train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
-    base_state = copy.deepcopy(model.state_dict())
+    model, base_state = build_model(tiny_config), tiny_trained_state
     settings = dict(gate_bias=2.0, lr=3e-3, batch_size=64, steps=60, eval_every=20, slack=0.05, decay_fraction=0.2,
                     select_accuracy=0.0)
 
@@ -233,17 +238,17 @@ def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_doe
 
 
 def test_a_rescue_window_after_one_that_ended_worse_starts_from_the_selected_state(tiny_config, tiny_split,
-                                                                                   monkeypatch):
+                                                                                   tiny_trained_state, monkeypatch):
     """With rescue_restarts (off by default), the first rescue window starts from the run's last
     state; a later one, if the window before it ended worse than the selected state, from the
-    selected state (weights, optimiser, multipliers, replay set). Here the first two windows are made to end with every edge open
-    (q zeroed after each of steps 72-84: each gate logit is the bias), so the second and the third
-    both start from the state with the fewest edges, the same one twice."""
-    model = build_model(tiny_config)
-    train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
-    base_state = copy.deepcopy(model.state_dict())
+    selected state (weights, optimiser, multipliers, replay set). Here the first two windows are
+    made to end with every edge open (q zeroed after each of steps 72-84: each gate logit is the
+    bias), so the second and the third both start from the state with the fewest edges, the same
+    one twice."""
+    model, base_state = build_model(tiny_config), tiny_trained_state
     settings = dict(gate_bias=2.0, lr=3e-3, batch_size=64, steps=60, eval_every=20, slack=0.05, decay_fraction=0.2,
-                    select_accuracy=0.0, rescue_windows=3, edge_budget=0.01, rescue_restarts=True)  # no state meets the budget
+                    select_accuracy=0.0, rescue_windows=3, rescue_restarts=True,
+                    edge_budget=0.01)  # no state meets the budget
     real_step, seen = sparsify_module.sparsify_step, {}  # seen[step]: what that step started from
 
     def step_that_opens_every_edge_in_steps_72_to_84(model, optimizer, tokens, *args, **kwargs):
@@ -341,9 +346,9 @@ def test_held_shut_edges_are_closed_in_the_forward_pass_and_their_logits_pushed_
     assert pushes[-1] == 0.0 < pushes[0]
 
 
-def test_sparsify_closes_duplicates_during_the_run_and_still_selects_a_state_that_meets_the_bar(tiny_config, tiny_split):
-    model = build_model(tiny_config)
-    train(model, tiny_split, TrainConfig(lr=3e-3, batch_size=64, max_steps=300, eval_every=100), progress=False)
+def test_sparsify_closes_duplicates_during_the_run_and_still_selects_a_state_that_meets_the_bar(tiny_config, tiny_split,
+                                                                                                tiny_trained_state):
+    model = tiny_base(tiny_config, tiny_trained_state)
     config = SparsifyConfig(gate_bias=2.0, lr=3e-3, batch_size=64, steps=150, eval_every=25, slack=0.05, prune_at=0.3,
                             prune_until=0.7, select_accuracy=0.9)
     assert [s for s in range(1, 151) if config.prunes_at(s)] == [50, 75, 100]  # evaluations from step 45 to 105
