@@ -7,6 +7,9 @@ timings). Each run is scored with deterministic gates on all problems by the CLI
 10,000 2-digit ones, or with ``--digits 3`` the 1,000,000 3-digit ones (from the shipped 3-digit
 base model and split, with the 3-digit edge budget of 20 per input).
 
+Another float path, as a CPU without AVX-512 would take: ``ATEN_CPU_CAPABILITY=avx2 python
+benchmarks/sparsify_seeds.py ...`` (each row records its path beside its thread count).
+
 Writes ``results.json`` and ``results.md`` (a Markdown table: seed, threads, edges per input
 mean / min / max / per layer, exact match, selected step, seconds, the run's own warning) into ``--out`` (default: a
 new folder under ``runs/benchmarks/sparsify_seeds/``) and prints the table. A benchmark, not a
@@ -49,10 +52,19 @@ def code_version() -> str:
     return (commit or "unknown") + ("+changes" if changed.strip() else "")
 
 
+def float_path() -> str:
+    """The kernels torch picks on this CPU (``AVX512``, ``AVX2``, ``DEFAULT``), which
+    ``ATEN_CPU_CAPABILITY`` can lower; the runs inherit it. Another path is another trajectory."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def run_one(seed: int, threads: int, out: Path, digits: int = 2, code: str = "unknown") -> dict:
     """One sparsify run in its own process with ``threads`` threads; its CLI metrics plus wall time."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    checkpoint = out / f"sparse_d{digits}_seed{seed}_threads{threads}.pt"
+    path = float_path()
+    checkpoint = out / f"sparse_d{digits}_seed{seed}_threads{threads}_{path.lower()}.pt"
     command = [sys.executable, "-m", "sparsecirc", "sparsify", "--seed", str(seed), "--out", str(checkpoint),
                "--force", "--json", "--base", str(reference_base_checkpoint_path(digits)),
                "--data", str(reference_dataset_path(digits)), "--edge-budget", f"{BARS[digits][1]:g}"]
@@ -63,7 +75,8 @@ def run_one(seed: int, threads: int, out: Path, digits: int = 2, code: str = "un
         raise RuntimeError(f"seed {seed}, {threads} threads failed ({done.returncode}):\n{done.stderr[-2000:]}")
     metrics = json.loads(done.stdout)
     on_all = metrics["all"]
-    return {"digits": digits, "code": code, "seed": seed, "threads": threads, "edges_mean": on_all["mean_open_edges"],
+    return {"digits": digits, "code": code, "seed": seed, "threads": threads, "float_path": path,
+            "edges_mean": on_all["mean_open_edges"],
             "edges_min": on_all["open_edges_min"], "edges_max": on_all["open_edges_max"],
             "edges_per_layer": on_all["open_edges_per_layer"], "exact_match": on_all["exact_match"],
             "n_failures": on_all["n_failures"], "held_out_exact_match": metrics["test"]["exact_match"],
@@ -100,7 +113,8 @@ def markdown_table(rows: list[dict], summary: dict) -> str:
              "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for row in rows:
         per_layer = " / ".join(f"{x:.2f}" for x in row["edges_per_layer"])
-        lines.append(f"| {row['seed']} | {row['threads']} | {row['edges_mean']:.2f} | {row['edges_min']:.0f} | "
+        path = f" ({row['float_path']})" if "float_path" in row else ""
+        lines.append(f"| {row['seed']} | {row['threads']}{path} | {row['edges_mean']:.2f} | {row['edges_min']:.0f} | "
                      f"{row['edges_max']:.0f} | {per_layer} | {row['exact_match']:.2%} | {row['selected_step']} | "
                      f"{row.get('steps_run', '-')}{rescued(row)} | "
                      f"{row['sparsify_seconds']:.0f} / {row['wall_seconds']:.0f} | "
@@ -136,11 +150,14 @@ def main():
         if args.seeds and any(row.get("code") != code for row in earlier):
             parser.error(f"{path} holds runs of other code than this checkout's ({code}): a table mixes "
                          f"one recipe only")
-    runs = [(row["seed"], row["threads"]) for row in rows] + [(s, t) for s in args.seeds for t in args.threads]
+    here = float_path()
+    runs = ([(row["seed"], row["threads"], row.get("float_path")) for row in rows]
+            + [(s, t, here) for s in args.seeds for t in args.threads])
     if not runs:
         parser.error("nothing to run: give --seeds, or --include earlier results")
     if len(set(runs)) < len(runs):
-        parser.error("a (seed, threads) run is asked for twice (in --seeds/--threads or the --include files)")
+        parser.error("a (seed, threads, float path) run is asked for twice (in --seeds/--threads or the --include "
+                     "files)")
     out = args.out or new_run_dir("benchmarks/sparsify_seeds")
     out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
