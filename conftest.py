@@ -4,11 +4,16 @@ Notebook kernels inherit this environment, so their run outputs, and the figures
 draws, go to a throwaway folder rather than the user's runs/ and the tracked figures/: a test
 run writes no tracked file.
 """
+import atexit
 import os
 import pathlib
+import shutil
 import tempfile
 
-os.environ.setdefault("SPARSECIRC_RUNS", tempfile.mkdtemp(prefix="sparsecirc-test-runs-"))
+if "SPARSECIRC_RUNS" not in os.environ:  # pytest -n 2: the workers inherit the folder of the process that made it
+    _RUNS = tempfile.mkdtemp(prefix="sparsecirc-test-runs-")
+    os.environ["SPARSECIRC_RUNS"] = _RUNS
+    atexit.register(shutil.rmtree, _RUNS, ignore_errors=True)  # a test run leaves nothing behind in the temp folder
 os.environ.setdefault("SPARSECIRC_FIGURES", os.path.join(os.environ["SPARSECIRC_RUNS"], "figures"))
 
 # Under `pytest -n 2` (make test) each worker, and each notebook kernel it starts, uses one
