@@ -107,12 +107,13 @@ class SparsifyConfig:
     predecessor ended worse than the selected state starts from the selected state instead
     (weights, optimiser, multipliers, replay set; fresh batches and gate samples). It is off: it
     broke seed 47, which restarted from a state before its pruning passes and ended at 15.83 edges
-    per input, against 9.43 without (``benchmarks/results/rescue_restarts.md``). In each window:
-    the final window's evaluations again, the learning rate up at
+    per input, against 9.43 without (``benchmarks/results/rescue_restarts.md``). With
+    ``rescue_passes`` (a trial, off) the windows make pruning passes too, after their evaluations
+    at the bar. In each window: the final window's evaluations again, the learning rate up at
     ``rescue_lr_scale`` times ``lr`` and falling to ``final_lr_scale`` times ``lr``, tau held at
-    the base loss plus ``rescue_slack``, the multipliers carried over, no pruning passes; the
-    selection covers these evaluations too. Without a final window (``decay_fraction=0``) there is
-    none to replay, and no rescue. A run that meets its bar ends as it would without them, float
+    the base loss plus ``rescue_slack``, the multipliers carried over, no pruning passes (unless
+    ``rescue_passes``); the selection covers these evaluations too. Without a final window
+    (``decay_fraction=0``) there is none to replay, and no rescue. A run that meets its bar ends as it would without them, float
     for float. The runs that missed had run out of steps while still closing edges, had their
     edges regrow at 100% exact match as the final window tightened tau to the base loss (seed 4:
     10.75 -> 12.35 edges per input over its last 150 steps), or had passes close edges they
@@ -121,7 +122,10 @@ class SparsifyConfig:
     were built on; these settings mended all seven (seeds 2 at one thread, 4, 8, 10, 17, 19 and
     20; ``benchmarks/results/rescue_variants.md``); on the held-out seeds 30-39, 9 of 10 ended at
     or below 10 edges (``sparsify_seeds_heldout_30.md``), on 40-49, 8 of 10
-    (``sparsify_seeds_heldout_40.md``).
+    (``sparsify_seeds_heldout_40.md``), and on AVX2 kernels, which send seeds 0-19 on new
+    trajectories, 19 of 20 (``sparsify_seeds_avx2.md``). Without ``rescue_passes`` the windows make
+    no pruning passes: the AVX2 miss, seed 16, ends with duplicate edges carrying 2.5 of its 10.89
+    per input.
     """
 
     gate_bias: float = 3.0
@@ -155,6 +159,7 @@ class SparsifyConfig:
     rescue_lr_scale: float = 0.3
     rescue_slack: float = 0.01
     rescue_restarts: bool = False  # on, it broke seed 47 (9.43 -> 15.83 edges per input; see the docstring)
+    rescue_passes: bool = False  # a trial: pruning passes in the rescue windows too (see the docstring)
     seed: int = 0
 
     def __post_init__(self):
@@ -171,7 +176,7 @@ class SparsifyConfig:
                              f"{self.prune_at}, {self.prune_until}, {self.prune_margin} and {self.prune_weight}")
         if self.replay_size < 0:
             raise ValueError(f"replay_size must be >= 0 (0: no replay of failed problems), got {self.replay_size}")
-        for name in ("prune_needs_bar", "rescue_restarts"):
+        for name in ("prune_needs_bar", "rescue_restarts", "rescue_passes"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.batch_size > MAX_BATCH_SIZE:
@@ -205,8 +210,10 @@ class SparsifyConfig:
 
     def prunes_at(self, step: int) -> bool:
         """A pass may close duplicate edges after this step's evaluation: every evaluation from
-        ``prune_at`` to ``prune_until`` (fractions of the steps; ``prune_at=0`` turns it off), if
-        the pass before it was verified."""
+        ``prune_at`` to ``prune_until`` (fractions of the steps; ``prune_at=0`` turns it off), and
+        with ``rescue_passes`` every evaluation of a rescue window, if the pass before it was verified."""
+        if self.prune_at > 0 and step > self.steps:
+            return self.rescue_passes and self.evaluates_at(step)
         return (self.prune_at > 0 and self.prune_at * self.steps <= step <= self.prune_until * self.steps
                 and step % self.eval_every == 0)
 

@@ -237,6 +237,32 @@ def test_a_run_that_misses_its_bar_gets_rescue_windows_and_one_that_meets_it_doe
     assert calls[:2] == [60, 72] and mended[-1]["warnings"] == []
 
 
+def test_with_rescue_passes_the_rescue_windows_make_pruning_passes_and_only_then(tiny_config, tiny_split,
+                                                                                   tiny_trained_state):
+    """rescue_passes (a trial, off by default) lets every evaluation of a rescue window at the bar
+    make a pruning pass; without it passes stop at prune_until, and the run is the same up to the
+    first pass of a rescue window."""
+    settings = dict(gate_bias=2.0, lr=3e-3, batch_size=64, steps=60, eval_every=20, slack=0.05, decay_fraction=0.2,
+                    select_accuracy=0.0, prune_at=0.3, prune_until=0.7, rescue_windows=2, edge_budget=0.01)
+    on, off = SparsifyConfig(**settings, rescue_passes=True), SparsifyConfig(**settings)
+    in_windows = [step for step in range(61, 85) if on.evaluates_at(step)]
+    assert in_windows == [62, 72, 74, 84]  # the final window's evaluations (steps 50 and 60), twice
+    assert [s for s in range(1, 85) if off.prunes_at(s)] == [20, 40]
+    assert [s for s in range(1, 85) if on.prunes_at(s)] == [20, 40] + in_windows
+    model, runs = build_model(tiny_config), {}
+    for name, config in (("on", on), ("off", off)):
+        model.load_state_dict(tiny_trained_state)
+        set_gate_bias(model, None)
+        with pytest.warns(SparsifyWarning, match="above the budget"):  # a budget of 0.01 edges: both windows run
+            runs[name] = sparsify(model, tiny_split, config, progress=False)
+    passes = {name: [row["step"] for row in history if "closed_edges" in row] for name, history in runs.items()}
+    assert passes == {"off": [20, 40], "on": [20, 40] + in_windows}  # every state is at a bar of 0
+    assert [row["ce"] for row in runs["on"][:62]] == [row["ce"] for row in runs["off"][:62]]
+    assert runs["on"][-1]["step"] == runs["off"][-1]["step"] == 84
+    with pytest.raises(ValueError, match="rescue_passes must be True or False"):
+        SparsifyConfig(rescue_passes=1)
+
+
 def test_a_rescue_window_after_one_that_ended_worse_starts_from_the_selected_state(tiny_config, tiny_split,
                                                                                    tiny_trained_state, monkeypatch):
     """With rescue_restarts (off by default), the first rescue window starts from the run's last
