@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from sparsecirc.files import write_atomically
 from sparsecirc.paths import new_run_dir, reference_base_checkpoint_path, reference_dataset_path
 
@@ -55,8 +57,6 @@ def code_version() -> str:
 def float_path() -> str:
     """The kernels torch picks on this CPU (``AVX512``, ``AVX2``, ``DEFAULT``), which
     ``ATEN_CPU_CAPABILITY`` can lower; the runs inherit it. Another path is another trajectory."""
-    import torch
-
     return torch.backends.cpu.get_cpu_capability()
 
 

@@ -107,16 +107,17 @@ class SparsifyConfig:
     predecessor ended worse than the selected state starts from the selected state instead
     (weights, optimiser, multipliers, replay set; fresh batches and gate samples). It is off: it
     broke seed 47, which restarted from a state before its pruning passes and ended at 15.83 edges
-    per input, against 9.43 without (``benchmarks/results/rescue_restarts.md``). With
-    ``rescue_passes`` (a trial, off) the windows make pruning passes too, after their evaluations
-    at the bar: on runs seen before it mended one of four misses (AVX2 seed 16: 10.89 -> 9.75) and
-    has not been judged on unseen ones (``benchmarks/results/rescue_passes.md``). In each window: the final window's evaluations again, the learning rate up at
-    ``rescue_lr_scale`` times ``lr`` and falling to ``final_lr_scale`` times ``lr``, tau held at
-    the base loss plus ``rescue_slack``, the multipliers carried over, no pruning passes (unless
-    ``rescue_passes``); the selection covers these evaluations too. Without a final window
-    (``decay_fraction=0``) there is none to replay, and no rescue. A run that meets its bar ends as it would without them, float
-    for float. The runs that missed had run out of steps while still closing edges, had their
-    edges regrow at 100% exact match as the final window tightened tau to the base loss (seed 4:
+    per input, against 9.43 without (``benchmarks/results/rescue_restarts.md``). In each window:
+    the final window's evaluations again, the learning rate up at ``rescue_lr_scale`` times ``lr``
+    and falling to ``final_lr_scale`` times ``lr``, tau held at the base loss plus
+    ``rescue_slack``, the multipliers carried over, and no pruning passes unless ``rescue_passes``
+    (a trial, off: the AVX2 miss, seed 16, ended with duplicate edges carrying 2.5 of its 10.89 per
+    input; with passes after the windows' evaluations at the bar it ended at 9.75, but it mended
+    none of the three misses on AVX-512 and has not been judged on unseen runs,
+    ``benchmarks/results/rescue_passes.md``). The selection covers these evaluations too. Without
+    a final window (``decay_fraction=0``) there is none to replay, and no rescue. A run that meets
+    its bar ends as it would without them, float for float. The runs that missed had run out of
+    steps while still closing edges, had their edges regrow at 100% exact match as the final window tightened tau to the base loss (seed 4:
     10.75 -> 12.35 edges per input over its last 150 steps), or had passes close edges they
     needed (seed 8). Windows that replayed the final one
     exactly (the learning rate back at ``lr``, tau tightening) mended four of the seven runs they
@@ -124,9 +125,7 @@ class SparsifyConfig:
     20; ``benchmarks/results/rescue_variants.md``); on the held-out seeds 30-39, 9 of 10 ended at
     or below 10 edges (``sparsify_seeds_heldout_30.md``), on 40-49, 8 of 10
     (``sparsify_seeds_heldout_40.md``), and on AVX2 kernels, which send seeds 0-19 on new
-    trajectories, 19 of 20 (``sparsify_seeds_avx2.md``). Without ``rescue_passes`` the windows make
-    no pruning passes: the AVX2 miss, seed 16, ends with duplicate edges carrying 2.5 of its 10.89
-    per input.
+    trajectories, 19 of 20 (``sparsify_seeds_avx2.md``).
     """
 
     gate_bias: float = 3.0
