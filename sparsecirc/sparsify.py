@@ -112,8 +112,8 @@ class SparsifyConfig:
     and falling to ``final_lr_scale`` times ``lr``, tau held at the base loss plus
     ``rescue_slack``, the multipliers carried over, and no pruning passes unless ``rescue_passes``
     (a trial, off: the AVX2 miss, seed 16, ended with duplicate edges carrying 2.5 of its 10.89 per
-    input; with passes after the windows' evaluations at the bar it ended at 9.75, but it mended
-    none of the three misses on AVX-512 and has not been judged on unseen runs,
+    input; with passes after the windows' evaluations at the bar it ended at 9.75, but on held-out
+    rescued runs that had met the bar it made two misses, seeds 43 and 45,
     ``benchmarks/results/rescue_passes.md``). The selection covers these evaluations too. Without
     a final window (``decay_fraction=0``) there is none to replay, and no rescue. A run that meets
     its bar ends as it would without them, float for float. The runs that missed had run out of
@@ -159,7 +159,7 @@ class SparsifyConfig:
     rescue_lr_scale: float = 0.3
     rescue_slack: float = 0.01
     rescue_restarts: bool = False  # on, it broke seed 47 (9.43 -> 15.83 edges per input; see the docstring)
-    rescue_passes: bool = False  # a trial: pruning passes in the rescue windows too (see the docstring)
+    rescue_passes: bool = False  # on, it broke seeds 43 and 45 (9.06 -> 10.40, 9.27 -> 10.51; see the docstring)
     seed: int = 0
 
     def __post_init__(self):
