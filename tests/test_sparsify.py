@@ -173,7 +173,10 @@ def test_a_run_that_misses_its_bar_says_what_it_missed(tiny_config):
     assert missed_bar(history(90), config) == []
     assert "before the pruning passes ended" in missed_bar(history(40, after=0.95), config)[0]
     assert missed_bar(history(40), config) == []  # states after the passes met the bar too: only sparser ones before
-    assert "above the budget of 10" in missed_bar(history(90, edges=13.1), config)[0]
+    assert "above the budget of 10. Try another --seed or more --steps (for example --steps 200)" in (
+        missed_bar(history(90, edges=13.1), config)[0])
+    longer = SparsifyConfig(steps=2400, eval_every=10, prune_at=0.0, select_accuracy=0.99, edge_budget=10.0)
+    assert "(for example --steps 3000)" in missed_bar(history(90, edges=13.1), longer)[0]
     assert "no evaluated state reached" in missed_bar(history(100, accuracy=0.9), config)[0]
     with pytest.raises(ValueError, match="edge_budget"):
         SparsifyConfig(edge_budget=0.0)
