@@ -10,8 +10,8 @@ from sparsecirc.checkpoint import load_checkpoint, save_checkpoint
 from sparsecirc.evaluation import evaluate
 from sparsecirc.model import build_model
 from sparsecirc.sparse_attention import set_gate_bias, sparse_attention
-from sparsecirc.sparsify import (LagrangeMultiplier, SparsifyConfig, SparsifyWarning, duplicate_edges, missed_bar, sparsify,
-                                 sparsify_step)
+from sparsecirc.sparsify import (LagrangeMultiplier, SparsifyConfig, SparsifyWarning, duplicate_edges, missed_bar, more_steps,
+                                 sparsify, sparsify_step)
 from sparsecirc.training import TrainConfig, train
 
 sparsify_module = importlib.import_module("sparsecirc.sparsify")  # the name sparsify is the function
@@ -173,10 +173,11 @@ def test_a_run_that_misses_its_bar_says_what_it_missed(tiny_config):
     assert missed_bar(history(90), config) == []
     assert "before the pruning passes ended" in missed_bar(history(40, after=0.95), config)[0]
     assert missed_bar(history(40), config) == []  # states after the passes met the bar too: only sparser ones before
-    assert "above the budget of 10. Try another --seed or more --steps (for example --steps 200)" in (
+    assert "above the budget of 10. Try another --seed or a longer run (for example --steps 200, up from 100)" in (
         missed_bar(history(90, edges=13.1), config)[0])
     longer = SparsifyConfig(steps=2400, eval_every=10, prune_at=0.0, select_accuracy=0.99, edge_budget=10.0)
-    assert "(for example --steps 3000)" in missed_bar(history(90, edges=13.1), longer)[0]
+    assert "(for example --steps 3000, up from 2400)" in missed_bar(history(90, edges=13.1), longer)[0]
+    assert [more_steps(n) for n in (1, 150, 1000, 1800, 2200)] == [100, 200, 1300, 2300, 2800]
     assert "no evaluated state reached" in missed_bar(history(100, accuracy=0.9), config)[0]
     with pytest.raises(ValueError, match="edge_budget"):
         SparsifyConfig(edge_budget=0.0)
