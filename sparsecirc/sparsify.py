@@ -117,10 +117,10 @@ class SparsifyConfig:
     ``benchmarks/results/rescue_passes.md``). The selection covers these evaluations too. Without
     a final window (``decay_fraction=0``) there is none to replay, and no rescue. A run that meets
     its bar ends as it would without them, float for float. The runs that missed had run out of
-    steps while still closing edges, had their edges regrow at 100% exact match as the final window tightened tau to the base loss (seed 4:
-    10.75 -> 12.35 edges per input over its last 150 steps), or had passes close edges they
-    needed (seed 8). Windows that replayed the final one
-    exactly (the learning rate back at ``lr``, tau tightening) mended four of the seven runs they
+    steps while still closing edges, had their edges regrow at 100% exact match as the final
+    window tightened tau to the base loss (seed 4: 10.75 -> 12.35 edges per input over its last
+    150 steps), or had passes close edges they needed (seed 8). Windows that replayed the final
+    one exactly (the learning rate back at ``lr``, tau tightening) mended four of the seven runs they
     were built on; these settings mended all seven (seeds 2 at one thread, 4, 8, 10, 17, 19 and
     20; ``benchmarks/results/rescue_variants.md``); on the held-out seeds 30-39, 9 of 10 ended at
     or below 10 edges (``sparsify_seeds_heldout_30.md``), on 40-49, 8 of 10
