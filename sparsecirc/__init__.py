@@ -27,7 +27,6 @@ Modules, one idea each:
 from .circuit import circuit_graph, edge_frequency, frequency_graph, prune_to_answers, restrict_to_digit
 from .circuit_size import Patcher, PatchingEffects, needed_for
 from .checkpoint import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
-from .explorer import Explorer, ExplorerView, explore
 from .data import VOCAB, AdditionSplit, AdditionTask, load_split, make_split, save_split
 from .evaluation import Evaluation, answer_logits, answer_loss, evaluate, predict
 from .patching import PatchingPairs, make_pairs
@@ -39,6 +38,22 @@ from .training import TrainConfig, train
 from .transformer import GatedTransformer
 
 __version__ = "0.1.0"
+
+_LAZY = {"Explorer": "explorer", "ExplorerView": "explorer", "explore": "explorer"}  # matplotlib and ipywidgets: imported on first use
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "VOCAB", "AdditionTask", "AdditionSplit", "make_split", "save_split", "load_split",

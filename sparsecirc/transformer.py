@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -318,19 +319,43 @@ class GatedTransformer(HookedRootModule):
 
 
 def native_initial_weights(cfg: TransformerBridgeConfig) -> dict[str, torch.Tensor]:
-    """The initial weights TransformerLens' ``boot_native`` gives for ``cfg`` (seeded by ``cfg.seed``
-    without touching the global RNG), under this module's parameter names."""
-    from transformer_lens.model_bridge.sources.native.init import initialize_native_model
-    from transformer_lens.model_bridge.sources.native.model import NativeModel
+    """The initial weights TransformerLens' ``boot_native`` gives for ``cfg`` (its ``"gpt2"``
+    init: every weight drawn from N(0, std) with std ``cfg.initializer_range``, the output
+    projections' divided by sqrt(2 n_layers), in module order from a generator seeded by
+    ``cfg.seed``; biases 0, LayerNorm gains 1), under this module's parameter names, without
+    touching the global RNG. Written here because TransformerLens' own, in
+    ``model_bridge.sources.native``, costs 1.4 s of imports in every process that builds a fresh
+    model; ``tests/test_transformer.py`` checks the two agree bit for bit."""
+    if (cfg.init_mode or "gpt2").lower() != "gpt2" or cfg.positional_embedding_type != "standard":
+        raise ValueError(f"only TransformerLens' 'gpt2' init with learned positions is supported, got init_mode "
+                         f"{cfg.init_mode!r} and positional_embedding_type {cfg.positional_embedding_type!r}")
+    std = cfg.initializer_range if cfg.initializer_range > 0 else 0.8 / math.sqrt(cfg.d_model)
+    output_std = std / math.sqrt(2 * cfg.n_layers)  # the residual stream's writers: attention out, MLP out
+    generator = None if cfg.seed is None else torch.Generator().manual_seed(cfg.seed)
+    inner = cfg.n_heads * cfg.d_head
 
-    with torch.random.fork_rng(devices=[]):
-        native = NativeModel(copy.deepcopy(cfg))
-        initialize_native_model(native, native.cfg)
-    tops = {"tok_embed": "embed", "pos": "pos_embed", "layers": "blocks", "ln_out": "ln_final", "head": "unembed"}
-    weights = {}
-    for name, value in native.state_dict().items():
-        top, rest = name.split(".", 1)
-        weights[f"{tops[top]}.{rest.replace('mlp.fc_in.', 'mlp.in.').replace('mlp.fc_out.', 'mlp.out.')}"] = value
+    def normal(rows: int, columns: int, scale: float) -> torch.Tensor:
+        return torch.empty(rows, columns).normal_(0.0, scale, generator=generator)
+
+    def layer_norm(name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": torch.ones(cfg.d_model), f"{name}.bias": torch.zeros(cfg.d_model)}
+
+    weights = {"embed.weight": normal(cfg.d_vocab, cfg.d_model, std),
+               "pos_embed.weight": normal(cfg.n_ctx, cfg.d_model, std)}
+    for layer in range(cfg.n_layers):  # the draws' order is TransformerLens': q, k, v, o, then the MLP's in, out
+        block = f"blocks.{layer}"
+        weights.update(layer_norm(f"{block}.ln1"))
+        for name in "qkv":
+            weights[f"{block}.attn.{name}.weight"] = normal(inner, cfg.d_model, std)
+            weights[f"{block}.attn.{name}.bias"] = torch.zeros(inner)
+        weights[f"{block}.attn.o.weight"] = normal(cfg.d_model, inner, output_std)
+        weights[f"{block}.attn.o.bias"] = torch.zeros(cfg.d_model)
+        weights.update(layer_norm(f"{block}.ln2"))
+        weights[f"{block}.mlp.in.weight"] = normal(cfg.d_mlp, cfg.d_model, std)
+        weights[f"{block}.mlp.in.bias"] = torch.zeros(cfg.d_mlp)
+        weights[f"{block}.mlp.out.weight"] = normal(cfg.d_model, cfg.d_mlp, output_std)
+        weights[f"{block}.mlp.out.bias"] = torch.zeros(cfg.d_model)
+    weights.update(layer_norm("ln_final"))
+    weights["unembed.weight"] = normal(cfg.d_vocab, cfg.d_model, std)
     weights["unembed.bias"] = torch.zeros(cfg.d_vocab)
     return weights
-

@@ -117,6 +117,17 @@ def test_module_entry_point_runs():
     assert "evaluate" in out.stdout
 
 
+def test_import_and_a_fresh_model_leave_plotting_and_the_bridge_unimported():
+    """``import sparsecirc`` and ``build_model`` stay quick (what ``python -m sparsecirc train`` waits
+    for): matplotlib and TransformerLens' bridge load on first use; every public name still resolves."""
+    script = ("import sys, sparsecirc; sparsecirc.build_model(sparsecirc.ModelConfig()); "
+              "print(sorted(m for m in ('matplotlib', 'ipywidgets', 'transformer_lens.model_bridge') if m in sys.modules)); "
+              "print(all(getattr(sparsecirc, name) is not None for name in sparsecirc.__all__)); "
+              "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:3] == ["[]", "True", "True"], out
+
+
 def _names(requirements):
     return {re.split(r"[<>=!~\[ ]", r.strip(), maxsplit=1)[0].lower() for r in requirements}
 

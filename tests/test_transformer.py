@@ -8,8 +8,8 @@ from transformer_lens.tools.analysis.attribution_patching import EdgeAttribution
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from conftest import bridge_twin
-from sparsecirc import AdditionTask, GatedTransformer, build_model, load_checkpoint, set_gate_bias, sparse_attention
+from conftest import TINY, bridge_twin
+from sparsecirc import AdditionTask, GatedTransformer, ModelConfig, build_model, load_checkpoint, set_gate_bias, sparse_attention
 from sparsecirc.paths import reference_base_checkpoint_path
 
 
@@ -59,15 +59,20 @@ def test_answer_slots_alone_give_the_same_logits(tiny_config):
         model(torch.zeros(1, tokens.shape[1] + 1, dtype=torch.long))
 
 
-def test_initial_weights_are_transformer_lens_native(tiny_config):
-    model = build_model(tiny_config)
-    twin = bridge_twin(build_model(tiny_config))
+SHAPES = {"tiny": TINY, "2-digit": ModelConfig(), "3-digit": ModelConfig(operand_digits=3, seed=7),
+          "odd widths": ModelConfig(n_layers=3, n_heads=3, d_head=5, d_model=17, d_mlp=33, seed=12345)}
+
+
+@pytest.mark.parametrize("config", SHAPES.values(), ids=SHAPES.keys())
+def test_initial_weights_are_transformer_lens_native(config):
+    """build_model draws TransformerLens' boot_native weights itself (sparsecirc.transformer): bit for bit the same."""
+    model = build_model(config)
     booted = TransformerBridge.boot_native(model.cfg)
     for name, value in booted.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
-    assert set(booted.state_dict()) == set(model.state_dict()) == set(twin.state_dict())
-    assert not torch.equal(build_model(tiny_config).embed.weight,
-                           build_model(tiny_config.__class__(**{**tiny_config.to_dict(), "seed": 1})).embed.weight)
+    assert set(booted.state_dict()) == set(model.state_dict()) == set(bridge_twin(build_model(config)).state_dict())
+    assert not torch.equal(build_model(config).embed.weight,
+                           build_model(config.__class__(**{**config.to_dict(), "seed": config.seed + 1})).embed.weight)
 
 
 @pytest.mark.parametrize("gated", [False, True])
