@@ -112,20 +112,18 @@ def test_cli_output_names_no_folder_of_this_machine(tmp_path, capsys, monkeypatc
     assert paths.portable(paths.reference_base_checkpoint_path()) == "data/reference/add_d2_l4_h4_base.pt"
 
 
-def test_module_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "sparsecirc", "--help"], capture_output=True, text=True, check=True)
-    assert "evaluate" in out.stdout
-
-
-def test_import_and_a_fresh_model_leave_plotting_and_the_bridge_unimported():
-    """``import sparsecirc`` and ``build_model`` stay quick (what ``python -m sparsecirc train`` waits
-    for): matplotlib and TransformerLens' bridge load on first use; every public name still resolves."""
-    script = ("import sys, sparsecirc; sparsecirc.build_model(sparsecirc.ModelConfig()); "
+def test_module_entry_point_runs_and_import_stays_light():
+    """``python -m sparsecirc`` runs; ``import sparsecirc`` and ``build_model`` stay quick (what
+    ``python -m sparsecirc train`` waits for): matplotlib, ipywidgets and TransformerLens' bridge
+    load on first use, and every public name still resolves. One process for all of it."""
+    script = ("import runpy, sys, sparsecirc; sparsecirc.build_model(sparsecirc.ModelConfig()); "
               "print(sorted(m for m in ('matplotlib', 'ipywidgets', 'transformer_lens.model_bridge') if m in sys.modules)); "
               "print(all(getattr(sparsecirc, name) is not None for name in sparsecirc.__all__)); "
-              "print('matplotlib' in sys.modules)")
+              "print('matplotlib' in sys.modules, flush=True); "
+              "sys.argv = ['sparsecirc', '--help']; runpy.run_module('sparsecirc', run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:3] == ["[]", "True", "True"], out
+    assert "evaluate" in "\n".join(out[3:])
 
 
 def _names(requirements):
