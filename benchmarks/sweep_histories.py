@@ -37,7 +37,11 @@ def run_summary(history: list[dict], config: SparsifyConfig) -> dict:
     """One run's row (see the module docstring) from its ``history``."""
     evaluated = [row for row in history if "train_exact_match" in row and row["step"] <= config.steps]
     tighten = round(config.prune_at * config.steps)
-    passes = [row["step"] for row in evaluated if row.get("closed_edges")]
+    passes, closed_so_far = [], 0  # closed_edges is the running total, on every evaluation a pass may follow
+    for row in evaluated:
+        if row.get("closed_edges", 0) > closed_so_far:
+            passes.append(row["step"])
+            closed_so_far = row["closed_edges"]
     first_pass = passes[0] if passes else None
     last_pass = passes[-1] if passes else None
     before_tighten = [row for row in evaluated if row["step"] < tighten]
@@ -50,7 +54,7 @@ def run_summary(history: list[dict], config: SparsifyConfig) -> dict:
             "at_tighten": before_tighten[-1]["train_exact_match"] if before_tighten else None,
             "low_before_pass": min(between) if between else None,
             "first_pass": first_pass, "last_pass": last_pass,
-            "closed": max((row.get("closed_edges") or 0) for row in evaluated),
+            "closed": closed_so_far,
             "low_after_passes": min(after) if after else None,
             "steps_at_ceiling": sum(1 for row in history if tighten <= row["step"] <= config.steps
                                     and row["multiplier"] >= config.multiplier_max),

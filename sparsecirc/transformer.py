@@ -322,20 +322,20 @@ def native_initial_weights(cfg: TransformerBridgeConfig) -> dict[str, torch.Tens
     """The initial weights TransformerLens' ``boot_native`` gives for ``cfg`` (its ``"gpt2"``
     init: every weight drawn from N(0, std) with std ``cfg.initializer_range``, the output
     projections' divided by sqrt(2 n_layers), in module order from a generator seeded by
-    ``cfg.seed``; biases 0, LayerNorm gains 1), under this module's parameter names, without
-    touching the global RNG. Written here because TransformerLens' own, in
+    ``cfg.seed``; biases 0, LayerNorm gains 1), under this module's parameter names (float32),
+    without touching the global RNG when ``cfg.seed`` is set. Written here because TransformerLens' own, in
     ``model_bridge.sources.native``, costs 1.4 s of imports in every process that builds a fresh
     model; ``tests/test_transformer.py`` checks the two agree bit for bit."""
     if (cfg.init_mode or "gpt2").lower() != "gpt2" or cfg.positional_embedding_type != "standard":
         raise ValueError(f"only TransformerLens' 'gpt2' init with learned positions is supported, got init_mode "
                          f"{cfg.init_mode!r} and positional_embedding_type {cfg.positional_embedding_type!r}")
     std = cfg.initializer_range if cfg.initializer_range > 0 else 0.8 / math.sqrt(cfg.d_model)
-    output_std = std / math.sqrt(2 * cfg.n_layers)  # the residual stream's writers: attention out, MLP out
+    output_std = std * (1.0 / math.sqrt(2 * cfg.n_layers))  # the residual stream's writers (as TransformerLens rounds it)
     generator = None if cfg.seed is None else torch.Generator().manual_seed(cfg.seed)
     inner = cfg.n_heads * cfg.d_head
 
     def normal(rows: int, columns: int, scale: float) -> torch.Tensor:
-        return torch.empty(rows, columns).normal_(0.0, scale, generator=generator)
+        return torch.empty(rows, columns, dtype=torch.float32).normal_(0.0, scale, generator=generator)
 
     def layer_norm(name: str) -> dict[str, torch.Tensor]:
         return {f"{name}.weight": torch.ones(cfg.d_model), f"{name}.bias": torch.zeros(cfg.d_model)}
