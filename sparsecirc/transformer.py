@@ -323,9 +323,9 @@ def native_initial_weights(cfg: TransformerBridgeConfig) -> dict[str, torch.Tens
     init: every weight drawn from N(0, std) with std ``cfg.initializer_range``, the output
     projections' divided by sqrt(2 n_layers), in module order from a generator seeded by
     ``cfg.seed``; biases 0, LayerNorm gains 1), under this module's parameter names (float32),
-    without touching the global RNG when ``cfg.seed`` is set. Written here because TransformerLens' own, in
-    ``model_bridge.sources.native``, costs 1.4 s of imports in every process that builds a fresh
-    model; ``tests/test_transformer.py`` checks the two agree bit for bit."""
+    without touching the global RNG when ``cfg.seed`` is set. Written here because TransformerLens'
+    own, in ``model_bridge.sources.native``, costs 1.4 s of imports in every process that builds a
+    fresh model; ``tests/test_transformer.py`` checks the two agree bit for bit."""
     if (cfg.init_mode or "gpt2").lower() != "gpt2" or cfg.positional_embedding_type != "standard":
         raise ValueError(f"only TransformerLens' 'gpt2' init with learned positions is supported, got init_mode "
                          f"{cfg.init_mode!r} and positional_embedding_type {cfg.positional_embedding_type!r}")
