@@ -19,7 +19,7 @@ from .files import check_parent_folder, check_writable
 from .data import AdditionTask, load_split, make_split, save_split
 from .evaluation import evaluate
 from .model import ModelConfig, build_model, count_parameters
-from .sparsify import SparsifyConfig, SparsifyWarning, sparsify
+from .sparsify import SparsifyConfig, SparsifyWarning, more_steps, sparsify
 from .training import TrainConfig, train
 
 
@@ -155,7 +155,7 @@ def cmd_sparsify(args) -> dict:
                    rescue_restarted_from=[row["restarted_from"] for row in history if "restarted_from" in row],
                    sparsify_seconds=round(seconds, 1), tau_start=history[0]["tau"],
                    tau_final=history[-1]["tau"], selected_step=history[-1]["selected_step"],
-                   warnings=history[-1]["warnings"] + all_problems_warning(metrics))
+                   warnings=history[-1]["warnings"] + all_problems_warning(metrics, config.steps))
     save_checkpoint(out, model, metrics=metrics, overwrite=args.force, replace_hint="--force",
                     extra={"sparsify_config": config.to_dict(), "history": history, "base": paths.portable(args.base)})
     return {"checkpoint": paths.portable(out), "config": sparse_config.name, **metrics}
@@ -164,13 +164,15 @@ def cmd_sparsify(args) -> dict:
 ALL_PROBLEMS_BAR = 0.999  # every run must reach it on all problems (the selection bar is on the training sample)
 
 
-def all_problems_warning(metrics: dict) -> list[str]:
-    """A warning if the chosen state answers fewer than ``ALL_PROBLEMS_BAR`` of all problems right."""
+def all_problems_warning(metrics: dict, steps: int) -> list[str]:
+    """A warning if the chosen state of a run of ``steps`` answers fewer than ``ALL_PROBLEMS_BAR`` of
+    all problems right."""
     exact = metrics["all"]["exact_match"]
     if exact >= ALL_PROBLEMS_BAR:
         return []
     return [f"the chosen state answers {exact:.2%} of all {metrics['all']['n']:,} problems right, below the bar of "
-            f"{ALL_PROBLEMS_BAR:.1%}. Try another --seed or more --steps."]
+            f"{ALL_PROBLEMS_BAR:.1%}. Try another --seed or a longer run (for example --steps {more_steps(steps)}, up "
+            f"from {steps})."]
 
 
 def cmd_evaluate(args) -> dict:

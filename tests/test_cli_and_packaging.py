@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sparsecirc import ModelConfig, build_model, evaluate, load_checkpoint, load_split, save_checkpoint
-from sparsecirc.cli import _print, main
+from sparsecirc.cli import _print, all_problems_warning, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,6 +160,15 @@ def test_the_slowest_first_order_names_only_notebooks_that_exist():
     names = [line.strip() for line in listed if line.strip() and not line.startswith("#")]
     assert names and len(set(names)) == len(names)
     assert [name for name in names if not (ROOT / "notebooks" / name).is_file()] == []
+
+
+def test_a_chosen_state_below_the_bar_on_all_problems_warns_with_a_step_count_to_try():
+    """sparsify's own bar is on its training sample; the CLI adds one on all problems. Below it, the
+    warning names what happened and a concrete longer run, as missed_bar's does."""
+    assert all_problems_warning({"all": {"exact_match": 0.999, "n": 10_000}}, 2400) == []
+    (message,) = all_problems_warning({"all": {"exact_match": 0.9985, "n": 10_000}}, 2400)
+    assert "99.85% of all 10,000 problems" in message and "99.9%" in message
+    assert "--steps 3000, up from 2400" in message
 
 
 def test_cli_sparsify_then_evaluate_reports_edges(tmp_path, capsys):
