@@ -39,21 +39,19 @@ from .transformer import GatedTransformer
 
 __version__ = "0.1.0"
 
-_LAZY = {"Explorer": "explorer", "ExplorerView": "explorer", "explore": "explorer"}  # matplotlib and ipywidgets: imported on first use
+_ON_FIRST_USE = ("Explorer", "ExplorerView", "explore")  # the explorer imports matplotlib and ipywidgets
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name in _ON_FIRST_USE:
+        from . import explorer
 
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
+        return getattr(explorer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_ON_FIRST_USE))
 
 __all__ = [
     "VOCAB", "AdditionTask", "AdditionSplit", "make_split", "save_split", "load_split",
