@@ -75,6 +75,16 @@ def test_initial_weights_are_transformer_lens_native(config):
                            build_model(config.__class__(**{**config.to_dict(), "seed": config.seed + 1})).embed.weight)
 
 
+def test_an_init_this_package_does_not_draw_is_refused_by_name():
+    import copy
+    from sparsecirc.transformer import native_initial_weights
+
+    cfg = copy.deepcopy(build_model(TINY).cfg)
+    cfg.init_mode = "xavier_uniform"
+    with pytest.raises(ValueError, match="only TransformerLens' 'gpt2' init"):
+        native_initial_weights(cfg)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_transformer_lens_attribution_patching_runs_and_agrees_with_the_bridge(gated):
     """TransformerLens 4.3's attribution_patch (node granularity) on the shipped base model, dense
