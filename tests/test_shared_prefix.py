@@ -19,7 +19,7 @@ from sparsecirc.transformer import GatedTransformer
 NEAR = 1e-4  # closer to a decision than this, rounding may tip it either way
 
 
-def through_bridge(monkeypatch, *args, **kwargs):
+def through_whole_pass(monkeypatch, *args, **kwargs):
     """``evaluate`` through the whole forward pass, as for a model with a user's hook."""
     with monkeypatch.context() as patch:
         patch.setattr(GatedTransformer, "has_user_hooks", lambda model: True)
@@ -27,7 +27,7 @@ def through_bridge(monkeypatch, *args, **kwargs):
 
 
 def both_passes(model, task, operands, reference=None, **options):
-    """Both passes on ``operands`` with ``evaluate``'s gating ``options``: ``(lean, bridge)``, each
+    """Both passes on ``operands`` with ``evaluate``'s gating ``options``: ``(lean, whole)``, each
     ``(logits [n, answer_digits, d_vocab], open edges [n, layer] or None)``: the shared-prefix
     run of ``model`` and the whole forward pass of ``reference`` (default ``model``; a bridge
     twin gates through hooks), and ``unsure`` [n]: the inputs on which the whole pass has a gate
@@ -40,37 +40,37 @@ def both_passes(model, task, operands, reference=None, **options):
     reference = model if reference is None else reference
     with analysis_run(reference, **options) as gates:
         logits = reference(tokens)[:, task.prompt_len:]
-        bridge = (logits, gates.open_edges.sum(-1) if counted else None)
+        whole = (logits, gates.open_edges.sum(-1) if counted else None)
         best_two = logits.topk(2, dim=-1).values  # [n, answer_digits, 2]
         unsure = ((best_two[..., 0] - best_two[..., 1]) < NEAR).any(-1)
         if gates.mode != "dense":
             unsure |= (gates.logits.abs() < NEAR).flatten(1).any(-1)
-    return lean, bridge, unsure
+    return lean, whole, unsure
 
 
-def assert_same_where_sure(lean, bridge, unsure):
+def assert_same_where_sure(lean, whole, unsure):
     """Logits to rounding and open edges exactly, on every input not ``unsure``."""
     sure = ~unsure
     assert sure.float().mean() > 0.5  # most inputs are compared
-    torch.testing.assert_close(lean[0][sure], bridge[0][sure], rtol=1e-4, atol=1e-4)
-    if bridge[1] is None:
+    torch.testing.assert_close(lean[0][sure], whole[0][sure], rtol=1e-4, atol=1e-4)
+    if whole[1] is None:
         assert lean[1] is None
     else:
-        assert torch.equal(lean[1][sure].float(), bridge[1][sure].float())
+        assert torch.equal(lean[1][sure].float(), whole[1][sure].float())
 
 
-def assert_evaluations_agree(lean, bridge, n_unsure: int):
+def assert_evaluations_agree(lean, whole, n_unsure: int):
     """``evaluate``'s summary through both passes: equal but for the unsure inputs."""
-    n = bridge.n
+    n = whole.n
     assert lean.n == n
-    assert abs(lean.exact_match - bridge.exact_match) * n <= n_unsure + 1e-6
-    assert max(abs(x - y) for x, y in zip(lean.per_digit_accuracy, bridge.per_digit_accuracy)) * n <= n_unsure + 1e-6
+    assert abs(lean.exact_match - whole.exact_match) * n <= n_unsure + 1e-6
+    assert max(abs(x - y) for x, y in zip(lean.per_digit_accuracy, whole.per_digit_accuracy)) * n <= n_unsure + 1e-6
     if n_unsure == 0:
-        assert lean.failures == bridge.failures
-        assert lean.loss == pytest.approx(bridge.loss, rel=1e-4, abs=1e-7)
-    assert (lean.open_edges is None) == (bridge.open_edges is None)
-    if bridge.open_edges is not None:  # per input and layer, equal but for the unsure inputs
-        assert int((lean.open_edges != bridge.open_edges).any(-1).sum()) <= n_unsure
+        assert lean.failures == whole.failures
+        assert lean.loss == pytest.approx(whole.loss, rel=1e-4, abs=1e-7)
+    assert (lean.open_edges is None) == (whole.open_edges is None)
+    if whole.open_edges is not None:  # per input and layer, equal but for the unsure inputs
+        assert int((lean.open_edges != whole.open_edges).any(-1).sum()) <= n_unsure
 
 
 def every_edge_where(model, task, keep):
@@ -94,17 +94,17 @@ def shipped_two_digit():
     ("sparse", {"close": True}),                                                       # ablation on top of the gates
     pytest.param("base", {"close": True, "dense": True}, marks=pytest.mark.slow),      # ablation on a dense model
 ])
-def test_lean_pass_matches_the_bridge_on_every_two_digit_problem(shipped_two_digit, monkeypatch, which, options):
+def test_lean_pass_matches_the_whole_pass_on_every_two_digit_problem(shipped_two_digit, monkeypatch, which, options):
     base, sparse, task, everything = shipped_two_digit
     model = base if which == "base" else sparse
     assert not model.has_user_hooks()
     options = dict(options)
     if options.pop("close", False):  # a third of all edges, in every layer: answers change a lot
         options["edge_mask"] = mask_closing(model, every_edge_where(model, task, lambda l, h, q, k: (q + k + h) % 3 == 0))
-    lean, bridge, unsure = both_passes(model, task, everything, **options)
-    assert_same_where_sure(lean, bridge, unsure)
+    lean, whole, unsure = both_passes(model, task, everything, **options)
+    assert_same_where_sure(lean, whole, unsure)
     if "edge_mask" in options:  # the closing mattered, so the comparison tested something
-        assert (bridge[0].argmax(-1) == task.encode_operands(everything[:, 0], everything[:, 1])[1]).all(-1).float().mean() < 0.9
+        assert (whole[0].argmax(-1) == task.encode_operands(everything[:, 0], everything[:, 1])[1]).all(-1).float().mean() < 0.9
 
 
 def test_evaluate_gives_the_same_summary_through_either_pass(shipped_two_digit, monkeypatch):
@@ -113,16 +113,16 @@ def test_evaluate_gives_the_same_summary_through_either_pass(shipped_two_digit, 
     _, sparse, task, everything = shipped_two_digit
     closed = mask_closing(sparse, every_edge_where(sparse, task, lambda l, h, q, k: (q + k + h) % 3 == 0))
     result = evaluate(sparse, task, everything, batch_size=3000, edge_mask=closed)
-    bridge = through_bridge(monkeypatch, sparse, task, everything, batch_size=3000, edge_mask=closed)
+    whole = through_whole_pass(monkeypatch, sparse, task, everything, batch_size=3000, edge_mask=closed)
     with analysis_run(sparse, edge_mask=closed) as gates:
         answer_logits(sparse, task.encode_operands(everything[:, 0], everything[:, 1])[0], task)
         n_unsure = int((gates.logits.abs() < NEAR).flatten(1).any(-1).sum())
-    assert_evaluations_agree(result, bridge, n_unsure)
-    assert result.exact_match < 0.9 and result.mean_open_edges == pytest.approx(bridge.mean_open_edges, abs=n_unsure)
+    assert_evaluations_agree(result, whole, n_unsure)
+    assert result.exact_match < 0.9 and result.mean_open_edges == pytest.approx(whole.mean_open_edges, abs=n_unsure)
 
 
 @pytest.mark.slow
-def test_lean_pass_matches_the_bridge_on_the_three_digit_sparse_model(monkeypatch):
+def test_lean_pass_matches_the_whole_pass_on_the_three_digit_sparse_model(monkeypatch):
     """The shipped 3-digit sparse model, with its gates and with a third of its layer-0 edges
     closed, on all 10,000 problems with a < 10 (1,000 distinct prefixes) plus 1,000 random
     ones, some repeated, all shuffled."""
@@ -134,10 +134,10 @@ def test_lean_pass_matches_the_bridge_on_the_three_digit_sparse_model(monkeypatc
     operands = operands[torch.randperm(len(operands), generator=generator)]
     closed = mask_closing(model, every_edge_where(model, task, lambda l, h, q, k: l == 0 and (q + k) % 3 == 0))
     for options in ({}, {"edge_mask": closed}):
-        lean, bridge, unsure = both_passes(model, task, operands, **options)
-        assert_same_where_sure(lean, bridge, unsure)
+        lean, whole, unsure = both_passes(model, task, operands, **options)
+        assert_same_where_sure(lean, whole, unsure)
     result = evaluate(model, task, operands, edge_mask=closed)
-    assert_evaluations_agree(result, through_bridge(monkeypatch, model, task, operands, edge_mask=closed),
+    assert_evaluations_agree(result, through_whole_pass(monkeypatch, model, task, operands, edge_mask=closed),
                              int(unsure.sum()))
     assert result.exact_match < 0.5
 
@@ -163,10 +163,10 @@ def test_shared_prefix_logits_match_transformer_lens_for_every_activation(act_fn
 def test_lean_pass_serves_one_digit_tasks(tiny_config, tiny_split, monkeypatch):
     model = build_model(tiny_config.sparse(1.0))
     everything = torch.cartesian_prod(torch.arange(10), torch.arange(10))
-    lean, bridge, unsure = both_passes(model, tiny_split.task, everything)
-    assert_same_where_sure(lean, bridge, unsure)
+    lean, whole, unsure = both_passes(model, tiny_split.task, everything)
+    assert_same_where_sure(lean, whole, unsure)
     assert_evaluations_agree(evaluate(model, tiny_split.task, everything, batch_size=33),
-                             through_bridge(monkeypatch, model, tiny_split.task, everything, batch_size=33),
+                             through_whole_pass(monkeypatch, model, tiny_split.task, everything, batch_size=33),
                              int(unsure.sum()))
 
 
@@ -225,13 +225,13 @@ def test_one_change_to_the_gate_in_gates_py_reaches_both_models(shipped_two_digi
     twin = bridge_twin(sparse)
     before, _, _ = both_passes(sparse, task, operands, twin)
     monkeypatch.setattr(f"sparsecirc.gates.{where}", change)
-    lean, bridge, unsure = both_passes(sparse, task, operands, twin)
-    assert_same_where_sure(lean, bridge, unsure)
+    lean, whole, unsure = both_passes(sparse, task, operands, twin)
+    assert_same_where_sure(lean, whole, unsure)
     if where == "gate_logits_from_scores":  # fewer gates open in both
-        assert (bridge[1].sum(-1) < before[1].sum(-1)).float().mean() > 0.5
+        assert (whole[1].sum(-1) < before[1].sum(-1)).float().mean() > 0.5
     else:  # layer 0's gates are the same (its input is), the outputs are not
-        assert torch.equal(bridge[1][:, 0].long(), before[1][:, 0].long())
-        assert not torch.allclose(bridge[0], before[0], atol=1e-2)
+        assert torch.equal(whole[1][:, 0].long(), before[1][:, 0].long())
+        assert not torch.allclose(whole[0], before[0], atol=1e-2)
 
 
 @pytest.mark.parametrize("which", ["base", "sparse"])
@@ -241,5 +241,5 @@ def test_a_transformer_lens_bridge_with_the_same_weights_agrees(shipped_two_digi
     base, sparse, task, everything = shipped_two_digit
     model = base if which == "base" else sparse
     options = {"gate_bias": 3.0} if which == "base" else {}
-    lean, bridge, unsure = both_passes(model, task, everything, bridge_twin(model), **options)
-    assert_same_where_sure(lean, bridge, unsure)
+    lean, whole, unsure = both_passes(model, task, everything, bridge_twin(model), **options)
+    assert_same_where_sure(lean, whole, unsure)
