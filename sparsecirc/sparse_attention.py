@@ -230,7 +230,7 @@ class EdgeGates:
     def weights(self) -> torch.Tensor:
         """Attention actually used ``[batch, layer, head, query, key]``: the softmax pattern times
         the gates (no gradient). Zero on closed edges; the whole causal pattern in dense mode."""
-        return self._stacked(self._patterns, "attention patterns") * self.masks.detach()
+        return edge_gates.gated_pattern(self._stacked(self._patterns, "attention patterns"), self.masks.detach())
 
     @property
     def open_edges(self) -> torch.Tensor:
