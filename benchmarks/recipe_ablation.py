@@ -10,7 +10,11 @@ median and range over seeds, runs that meet the bar, runs with a warning; then e
 ``recipe_ablation.png`` into ``--out`` (default: a new folder under ``runs/benchmarks/recipe_ablation/``).
 A benchmark, not a test: 9 variants x 5 seeds at about 75 s each is about an hour.
 
-    python benchmarks/recipe_ablation.py [--seeds 0 1 2 3 4] [--steps 1200] [--out DIR]
+Without rescue windows by default (the ablation was first measured before they existed); with
+``--rescue`` every variant keeps the recipe's rescue windows, so ``--steps 2400 --rescue`` compares
+the parts within the recipe as ``python -m sparsecirc sparsify`` runs it.
+
+    python benchmarks/recipe_ablation.py [--seeds 0 1 2 3 4] [--steps 1200] [--rescue] [--variants ...] [--out DIR]
 """
 
 import argparse
@@ -42,7 +46,7 @@ THREADS = 2
 MIN_EXACT_MATCH, MAX_EDGES, _ = BARS[2]  # the bars of issue 20, on all problems
 
 
-def run_one(variant: str, seed: int, steps: int) -> dict:
+def run_one(variant: str, seed: int, steps: int, rescue: bool = False) -> dict:
     """One run in this process: the variant's recipe, scored on all problems."""
     from sparsecirc import paths
     from sparsecirc.checkpoint import load_checkpoint
@@ -50,8 +54,9 @@ def run_one(variant: str, seed: int, steps: int) -> dict:
     from sparsecirc.evaluation import evaluate
     from sparsecirc.sparsify import SparsifyConfig, SparsifyWarning, sparsify
 
-    # no rescue windows: the ablation compares the parts at one step budget (it was measured before they existed)
-    config = SparsifyConfig(**{**SparsifyConfig().to_dict(), "rescue_windows": 0, **VARIANTS[variant], "steps": steps,
+    # without rescue windows unless asked: the parts compared at one step budget (first measured before they existed)
+    no_rescue = {} if rescue else {"rescue_windows": 0}
+    config = SparsifyConfig(**{**SparsifyConfig().to_dict(), **no_rescue, **VARIANTS[variant], "steps": steps,
                                "seed": seed})
     model, _ = load_checkpoint(paths.reference_base_checkpoint_path())
     split = load_split(paths.reference_dataset_path())
@@ -61,7 +66,8 @@ def run_one(variant: str, seed: int, steps: int) -> dict:
         history = sparsify(model, split, config, progress=False)
     seconds = time.perf_counter() - start
     on_all = evaluate(model, split.task, list(split.train) + list(split.test))
-    return {"variant": variant, "seed": seed, "steps": steps, "edges_mean": on_all.mean_open_edges,
+    return {"variant": variant, "seed": seed, "steps": steps, "rescue": rescue,
+            "steps_run": history[-1]["step"], "edges_mean": on_all.mean_open_edges,
             "exact_match": on_all.exact_match, "n": on_all.n, "selected_step": history[-1]["selected_step"],
             "seconds": round(seconds, 1), "warnings": history[-1]["warnings"]}
 
@@ -85,7 +91,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], summary: list[dict]) -> str:
     steps, seeds = rows[0]["steps"], sorted({r["seed"] for r in rows})
-    lines = [f"Each variant: the default recipe (without rescue windows) with one part switched off, {steps} steps, seeds "
+    rescue = "with its rescue windows" if rows[0].get("rescue") else "without rescue windows"
+    lines = [f"Each variant: the default recipe ({rescue}) with one part switched off, {steps} steps, seeds "
              f"{', '.join(map(str, seeds))}, {THREADS} threads; scored on all 10,000 problems. Bar: >= "
              f"{MIN_EXACT_MATCH:.1%} exact match and <= {MAX_EDGES:g} open edges per input.", "",
              "| variant | edges per input: median (range) | exact match: median (range) | runs at the bar | runs with a warning |",
@@ -94,10 +101,11 @@ def markdown(rows: list[dict], summary: list[dict]) -> str:
         lines.append(f"| {s['variant']} | {s['edges_median']:.2f} ({s['edges_min']:.2f}-{s['edges_max']:.2f}) | "
                      f"{s['exact_match_median']:.2%} ({s['exact_match_min']:.2%}-{s['exact_match_max']:.2%}) | "
                      f"{s['runs_meeting_the_bar']}/{s['runs']} | {s['runs_with_a_warning']}/{s['runs']} |")
-    lines += ["", "| variant | seed | edges per input | exact match | selected step | s | warning |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "| variant | seed | edges per input | exact match | selected step | steps run | s | warning |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seed']} | {r['edges_mean']:.2f} | {r['exact_match']:.2%} | "
-                     f"{r['selected_step']} | {r['seconds']:.0f} | {'; '.join(r['warnings']) or 'none'} |")
+                     f"{r['selected_step']} | {r.get('steps_run', r['steps'])} | {r['seconds']:.0f} | {'; '.join(r['warnings']) or 'none'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -105,6 +113,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--rescue", action="store_true", help="keep the recipe's rescue windows in every variant")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--out", type=Path, help="folder for the results (default: a new one under runs/)")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)  # a child run
@@ -114,7 +123,7 @@ def main():
     if args.one:
         if args.one[0] not in VARIANTS:
             parser.error(f"unknown variant {args.one[0]!r}; choose from {list(VARIANTS)}")
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps)))
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps, args.rescue)))
         return
     from sparsecirc.files import write_atomically
     from sparsecirc.paths import new_run_dir
@@ -126,8 +135,8 @@ def main():
     rows = []
     for variant in args.variants:
         for seed in args.seeds:
-            done = subprocess.run([sys.executable, __file__, "--one", variant, str(seed), "--steps", str(args.steps)],
-                                  env=env, capture_output=True, text=True)
+            child = [sys.executable, __file__, "--one", variant, str(seed), "--steps", str(args.steps)]
+            done = subprocess.run(child + (["--rescue"] if args.rescue else []), env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{variant}, seed {seed} failed ({done.returncode}):\n{done.stderr[-2000:]}")
             rows.append(json.loads(done.stdout))
