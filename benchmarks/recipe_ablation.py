@@ -1,4 +1,4 @@
-"""Does each part of the sparse recipe earn its place? Short runs with one part switched off at a time.
+"""Does each part of the sparse recipe earn its place? Runs with one part switched off at a time.
 
 Every variant is the default recipe (``SparsifyConfig()``) with one setting changed, run at the
 same step budget (``--steps``, default 1200: half the default, the same for every variant) on the
@@ -11,8 +11,10 @@ median and range over seeds, runs that meet the bar, runs with a warning; then e
 A benchmark, not a test: 9 variants x 5 seeds at about 75 s each is about an hour.
 
 Without rescue windows by default (the ablation was first measured before they existed); with
-``--rescue`` every variant keeps the recipe's rescue windows, so ``--steps 2400 --rescue`` compares
-the parts within the recipe as ``python -m sparsecirc sparsify`` runs it.
+``--rescue`` every variant keeps the recipe's rescue windows (but "no final window", which has no
+window to replay and so no rescue), so ``--steps 2400 --rescue`` compares the parts within the recipe
+as ``python -m sparsecirc sparsify`` runs it. A run then takes 2,400 to 4,320 steps (about 130-280 s),
+so the variants no longer share one step budget.
 
     python benchmarks/recipe_ablation.py [--seeds 0 1 2 3 4] [--steps 1200] [--rescue] [--variants ...] [--out DIR]
 """
@@ -54,7 +56,7 @@ def run_one(variant: str, seed: int, steps: int, rescue: bool = False) -> dict:
     from sparsecirc.evaluation import evaluate
     from sparsecirc.sparsify import SparsifyConfig, SparsifyWarning, sparsify
 
-    # without rescue windows unless asked: the parts compared at one step budget (first measured before they existed)
+    # without rescue windows unless asked: then the parts are compared at one step budget (as first measured)
     no_rescue = {} if rescue else {"rescue_windows": 0}
     config = SparsifyConfig(**{**SparsifyConfig().to_dict(), **no_rescue, **VARIANTS[variant], "steps": steps,
                                "seed": seed})
@@ -113,7 +115,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--rescue", action="store_true", help="keep the recipe's rescue windows in every variant")
+    parser.add_argument("--rescue", action="store_true", help="keep the recipe's rescue windows in every variant (none for 'no final window', which has none to replay)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--out", type=Path, help="folder for the results (default: a new one under runs/)")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)  # a child run
