@@ -107,7 +107,8 @@ def markdown(rows: list[dict], summary: list[dict]) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seed']} | {r['edges_mean']:.2f} | {r['exact_match']:.2%} | "
-                     f"{r['selected_step']} | {r.get('steps_run', r['steps'])} | {r['seconds']:.0f} | {'; '.join(r['warnings']) or 'none'} |")
+                     f"{r['selected_step']} | {r.get('steps_run', r['steps'])} | {r['seconds']:.0f} | "
+                     f"{'; '.join(r['warnings']) or 'none'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,7 +116,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--rescue", action="store_true", help="keep the recipe's rescue windows in every variant (none for 'no final window', which has none to replay)")
+    parser.add_argument("--rescue", action="store_true",
+                        help="keep the recipe's rescue windows in every variant (none for 'no final window', "
+                             "which has none to replay)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--out", type=Path, help="folder for the results (default: a new one under runs/)")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)  # a child run
